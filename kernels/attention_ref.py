@@ -1,0 +1,56 @@
+"""Torch reference for one decode step of attention over a per-slot ring KV cache.
+
+This is the contract every fused kernel in `kernels/` must match. Shapes:
+  q, k, v      [B, H, D]     this step's projections, k/q before RoPE
+  k_cache      [B, H, C, D]  ring buffer; slot of absolute position p is p % C
+  v_cache      [B, H, C, D]
+  positions    [B] int64     absolute position of this step, per slot
+  exec_mask    [B] bool      rows that run this step; others leave their cache untouched
+Returns the attention output [B, H, D] (rows with exec_mask False hold unspecified values).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rope_frequencies(head_dim: int, max_period: float, device) -> torch.Tensor:
+    # Same expression as the reference so that fp32 angles are bit-identical.
+    ds = torch.arange(head_dim // 2, device=device, dtype=torch.float32)
+    return torch.exp(ds * (-math.log(max_period) * 2 / head_dim))
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, max_period: float) -> torch.Tensor:
+    """Interleaved RoPE on [B, H, D] (pairs (2i, 2i+1)) at one absolute position per row, in fp32."""
+    B, H, D = x.shape
+    freqs = rope_frequencies(D, max_period, x.device)
+    angles = freqs * positions.float().view(B, 1, 1)  # [B, 1, D/2]
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    pairs = x.view(B, H, D // 2, 2)
+    xr, xi = pairs[..., 0].float(), pairs[..., 1].float()
+    out_r = xr * cos - xi * sin
+    out_i = xr * sin + xi * cos
+    return torch.stack([out_r.to(x.dtype), out_i.to(x.dtype)], dim=-1).view(B, H, D)
+
+
+def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         positions: torch.Tensor, exec_mask: torch.Tensor,
+                         max_period: float | None = 10_000.0) -> torch.Tensor:
+    """RoPE (if max_period is not None), ring write for executing rows, masked attention."""
+    B, H, C, D = k_cache.shape
+    if max_period is not None:
+        q = apply_rope(q, positions, max_period)
+        k = apply_rope(k, positions, max_period)
+    rows = torch.arange(B, device=q.device)
+    slots = positions % C
+    keep = ~exec_mask.view(B, 1, 1)
+    k_cache[rows, :, slots] = torch.where(keep, k_cache[rows, :, slots], k)
+    v_cache[rows, :, slots] = torch.where(keep, v_cache[rows, :, slots], v)
+    # A ring of capacity C written up to `positions` holds exactly the last min(p+1, C) steps.
+    valid = torch.arange(C, device=q.device).view(1, C) <= positions.view(B, 1)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache,
+                                         attn_mask=valid.view(B, 1, 1, C))
+    return out.squeeze(2)
