@@ -1,0 +1,83 @@
+"""Command line: `python run_agent.py COMMAND ...`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from checkpoints.registry import DEFAULT_CHECKPOINT, KNOWN
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    names = ", ".join(KNOWN)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help=f"HF repo id, local directory, or a known name ({names}); "
+                        f"default {DEFAULT_CHECKPOINT}")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when available, else cpu")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_agent.py", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("file", help="offline conversation: the agent answers a recording")
+    f.add_argument("input", help="input audio (WAV or anything libsndfile reads; any rate/channels)")
+    f.add_argument("output", help="output WAV: the agent's voice, 24 kHz mono")
+    f.add_argument("--transcript", help="write the agent's transcript as JSON here")
+    _add_checkpoint_args(f)
+    _add_sampling_args(f)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("NO_TORCH_COMPILE", "1")  # moshi's lazy compile costs 20+ s per start
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from checkpoints.loader import CheckpointError
+    from streams.audio_file import AudioInputError
+    try:
+        if args.command == "file":
+            return _cmd_file(args)
+    except (CheckpointError, AudioInputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+def _sampling(args, bundle):
+    from dataclasses import replace
+    return replace(bundle.sampling, seed=args.seed, greedy=args.greedy or bundle.sampling.greedy)
+
+
+def _cmd_file(args) -> int:
+    from pathlib import Path
+
+    from agent.config import SAMPLE_RATE
+    from agent.engine import Engine
+    from agent.offline import run_file
+    from checkpoints.loader import load_checkpoint
+    from streams.audio_file import AudioInputError, read_mono
+
+    pcm = read_mono(args.input, SAMPLE_RATE)  # fail on bad input before loading a 15 GB model
+    for out in (args.output, args.transcript):
+        if out and not Path(out).parent.resolve().is_dir():
+            raise AudioInputError(f"{out}: the folder {Path(out).parent} does not exist")
+    bundle = load_checkpoint(args.checkpoint, args.device)
+    engine = Engine(bundle, max_sessions=1)
+    t0 = time.perf_counter()
+    transcript = run_file(engine, pcm, args.output, args.transcript, _sampling(args, bundle),
+                          on_piece=lambda s: print(s, end="", flush=True))
+    print()
+    n = len(transcript.pieces)
+    print(f"wrote {args.output} ({time.perf_counter() - t0:.1f} s, {n} text pieces)", file=sys.stderr)
+    return 0

@@ -1,0 +1,117 @@
+"""The batched engine: a fixed slot table of conversations, advanced together one 80 ms tick at a time.
+
+One tick = batched Mimi encode of the slots that have an input frame -> one batched LM step ->
+batched Mimi decode. A slot without an input frame this tick does not execute: its codec, KV cache,
+token ring and random stream are left exactly as they were. Slots are opened and closed between
+ticks without touching the others.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from agent.config import FRAME_SIZE, SamplingConfig
+from agent.lm_gen import LMGen
+from checkpoints.loader import AgentBundle
+
+
+class EngineFull(Exception):
+    """Every slot is taken."""
+
+
+@dataclass
+class FrameOut:
+    """What one conversation gets back from one tick."""
+    pcm: np.ndarray  # [1920] float32, 24 kHz; silence until the model is past its delays
+    text_id: int  # -2 while not yet generated
+    text: str | None  # printable piece, None for pad/end-of-pad/not generated
+    step: int  # index of this conversation's frame (0-based)
+
+
+@dataclass
+class Slot:
+    sampling: SamplingConfig
+    seed: int
+    steps: int = 0
+
+
+class Engine:
+    def __init__(self, bundle: AgentBundle, max_sessions: int):
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be >= 1")
+        self.bundle = bundle
+        self.cfg = bundle.config
+        self.max_sessions = max_sessions
+        self.device = bundle.model.text_linear.weight.device
+        self.lm = LMGen(bundle.model, max_sessions)
+        self.mimi = bundle.mimi
+        self.mimi.streaming_forever(max_sessions)
+        self.slots: list[Slot | None] = [None] * max_sessions
+        self._pcm_in = torch.zeros(max_sessions, 1, FRAME_SIZE, device=self.device)
+        self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
+        self._no_text = {self.cfg.text_pad_id, self.cfg.text_epad_id}
+
+    # -- slot table ------------------------------------------------------------------------------
+    @property
+    def active(self) -> list[int]:
+        return [i for i, s in enumerate(self.slots) if s is not None]
+
+    def open(self, sampling: SamplingConfig | None = None) -> int:
+        """Claim a free slot for a new conversation and reset its state."""
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        if not free:
+            raise EngineFull(f"all {self.max_sessions} conversation slots are in use")
+        row = free[0]
+        sampling = sampling or self.bundle.sampling
+        seed = self.lm.reset(row, sampling)
+        mask = torch.zeros(self.max_sessions, dtype=torch.bool, device=self.device)
+        mask[row] = True
+        self.mimi.reset_streaming(mask)
+        self.slots[row] = Slot(sampling, seed)
+        return row
+
+    def close(self, row: int) -> None:
+        self.slots[row] = None
+
+    # -- one tick --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def tick(self, frames: dict[int, np.ndarray | torch.Tensor]) -> dict[int, FrameOut]:
+        """Advance the slots in `frames` (each a [1920] float32 24 kHz frame) by one step."""
+        for row in frames:
+            if self.slots[row] is None:
+                raise KeyError(f"slot {row} is not open")
+        exec_mask = torch.zeros(self.max_sessions, dtype=torch.bool)
+        exec_mask[list(frames)] = True
+        self._pcm_in.zero_()
+        for row, pcm in frames.items():
+            self._pcm_in[row, 0] = torch.as_tensor(pcm, dtype=torch.float32)
+        exec_mask = exec_mask.to(self.device)
+
+        self.mimi.set_exec_mask(exec_mask)
+        codes = self.mimi.encode(self._pcm_in)[:, :, 0]  # [B, 8]
+        out = self.lm.step(codes, exec_mask).tokens  # [B, 9]
+        ready = exec_mask & (out[:, 0] >= 0)
+        pcm_out = None
+        if bool(ready.any()):
+            self.mimi.set_exec_mask(ready)
+            agent_codes = torch.where(ready.view(-1, 1), out[:, 1:], torch.zeros_like(out[:, 1:]))
+            pcm_out = self.mimi.decode(agent_codes.unsqueeze(-1))[:, 0].float().cpu().numpy()
+        out = out.cpu()
+        ready = ready.cpu()
+
+        results = {}
+        for row in frames:
+            slot = self.slots[row]
+            text_id = int(out[row, 0])
+            results[row] = FrameOut(
+                pcm=pcm_out[row].copy() if bool(ready[row]) else self._silence.copy(),
+                text_id=text_id, text=self.piece(text_id), step=slot.steps)
+            slot.steps += 1
+        return results
+
+    def piece(self, text_id: int) -> str | None:
+        if text_id < 0 or text_id in self._no_text:
+            return None
+        return self.bundle.tokenizer.id_to_piece(text_id).replace("\u2581", " ")

@@ -1,0 +1,112 @@
+"""Streaming generation: one call per 80 ms frame, B independent rows (conversations).
+
+Per step, for each executing row: the user's 8 Mimi codes go in; the temporal transformer predicts
+a text token; the depformer predicts the agent's 8 audio codes. Streams carry the reference's
+acoustic delays, so the model reads a small ring of past tokens (`cache`, [B, 17, max_delay + 2])
+and the returned frame is re-aligned (undelayed): text and agent codes of one instant.
+
+Semantics follow the moshi library's `LMGen` with `support_out_of_sync=True`: every row has its
+own offset; a row with `exec_mask` False does not advance and its state is unchanged; a row that
+is not yet past the delays returns -2 ("ungenerated") for its frame.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from agent.config import SamplingConfig
+from agent.model import MoshiLM
+from agent.sampling import RowSampler
+
+UNGENERATED = -2
+
+
+@dataclass
+class StepOutput:
+    tokens: torch.Tensor  # [B, 1 + dep_q]: text, agent codes; -2 where not available
+    text_logits: torch.Tensor | None = None  # [B, text_card], when asked for
+    audio_logits: torch.Tensor | None = None  # [B, dep_q, card], when asked for
+
+
+class LMGen:
+    def __init__(self, model: MoshiLM, batch: int):
+        cfg = self.cfg = model.cfg
+        self.model = model
+        device = model.text_linear.weight.device
+        model.setup_caches(batch)
+        self.batch = batch
+        self.ring = cfg.max_delay + 2
+        self.cache = torch.full((batch, cfg.num_codebooks, self.ring), UNGENERATED,
+                                dtype=torch.long, device=device)
+        self.offsets = torch.zeros(batch, dtype=torch.long, device=device)
+        self.delays = torch.tensor(cfg.delays, dtype=torch.long, device=device)
+        self.initial = torch.tensor([cfg.text_init_id] + [cfg.audio_init_id] * cfg.n_q,
+                                    dtype=torch.long, device=device).view(1, -1)
+        self.text_sampler = RowSampler(batch, device)
+        self.audio_sampler = RowSampler(batch, device)
+        self.generators = [torch.Generator(device=device) for _ in range(batch)]
+        self.rows = torch.arange(batch, device=device)
+
+    def reset(self, row: int, sampling: SamplingConfig = SamplingConfig()) -> int:
+        """Start a new conversation in `row`; returns the seed used. Nothing of the row's previous
+        conversation stays reachable: offsets restart at 0, and KV slots are masked until rewritten."""
+        sampling = sampling.validated()
+        self.offsets[row] = 0
+        self.cache[row] = UNGENERATED
+        seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(6), "little")
+        self.generators[row].manual_seed(seed)
+        self.text_sampler.configure(row, sampling.temp_text, sampling.top_k_text, sampling.greedy)
+        self.audio_sampler.configure(row, sampling.temp_audio, sampling.top_k_audio, sampling.greedy)
+        return seed
+
+    @torch.no_grad()
+    def step(self, user_codes: torch.Tensor, exec_mask: torch.Tensor,
+             return_logits: bool = False) -> StepOutput:
+        """user_codes [B, 8] (rows not executing may hold anything), exec_mask [B] bool."""
+        cfg, model, CT = self.cfg, self.model, self.ring
+        n_gen = 1 + cfg.dep_q
+        exec_col = exec_mask.view(-1, 1)
+
+        # 1. user codes enter the ring at their delayed positions.
+        user_pos = (self.offsets.view(-1, 1) + self.delays[n_gen:].view(1, -1)) % CT
+        user_view = self.cache[:, n_gen:]
+        old = user_view.gather(-1, user_pos.unsqueeze(-1)).squeeze(-1)
+        user_view.scatter_(-1, user_pos.unsqueeze(-1),
+                           torch.where(exec_col, user_codes, old).unsqueeze(-1))
+
+        # 2. model input: this offset's column, initial tokens where the delay is not yet met.
+        col = (self.offsets % CT).view(-1, 1, 1).expand(-1, cfg.num_codebooks, 1)
+        tokens = self.cache.gather(-1, col).squeeze(-1)
+        is_init = (self.offsets.view(-1, 1) <= self.delays.view(1, -1)) | ~exec_col
+        tokens = torch.where(is_init, self.initial, tokens)
+
+        # 3. temporal transformer, text sample, 8 depformer sub-steps.
+        rows = [b for b in range(self.batch) if bool(exec_mask[b])]
+        h, text_logits = model.forward_temporal(tokens, self.offsets, exec_mask)
+        text = self.text_sampler.sample(text_logits, self.generators, rows)
+        prev, audio, audio_logits = text, [], []
+        for step in range(cfg.dep_q):
+            logits = model.forward_depformer(step, h, prev, exec_mask)
+            prev = self.audio_sampler.sample(logits, self.generators, rows)
+            audio.append(prev)
+            if return_logits:
+                audio_logits.append(logits.float())
+
+        # 4. generated tokens enter the ring at offset + 1.
+        self.offsets = torch.where(exec_mask, self.offsets + 1, self.offsets)
+        gen_pos = (self.offsets % CT).view(-1, 1).expand(-1, n_gen)
+        generated = torch.stack([text] + audio, dim=1)
+        gen_view = self.cache[:, :n_gen]
+        old = gen_view.gather(-1, gen_pos.unsqueeze(-1)).squeeze(-1)
+        gen_view.scatter_(-1, gen_pos.unsqueeze(-1), torch.where(exec_col, generated, old).unsqueeze(-1))
+
+        # 5. undelayed output frame.
+        out_pos = (self.offsets.view(-1, 1) - cfg.max_delay + self.delays[:n_gen].view(1, -1)) % CT
+        out = gen_view.gather(-1, out_pos.unsqueeze(-1)).squeeze(-1)
+        not_ready = (self.offsets <= cfg.max_delay) | ~exec_mask
+        out = torch.where(not_ready.view(-1, 1), torch.full_like(out, UNGENERATED), out)
+        if not return_logits:
+            return StepOutput(out)
+        return StepOutput(out, text_logits.float(), torch.stack(audio_logits, dim=1))

@@ -1,0 +1,68 @@
+"""Offline conversation: feed a recording frame by frame, as if live, and collect the agent's side.
+
+Each 80 ms input frame is stepped once (the plain streaming loop; moshi's `run_inference.py`
+instead feeds the first frame twice and its server drops it). The agent's first output frame is
+silence, because the model lags its input by one step.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agent.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, SamplingConfig
+from agent.engine import Engine
+from streams.audio_file import write_wav
+
+
+@dataclass
+class Transcript:
+    pieces: list[dict] = field(default_factory=list)
+
+    def add(self, text: str, step: int) -> None:
+        self.pieces.append({"text": text, "start": round(step / FRAME_RATE, 3),
+                            "end": round((step + 1) / FRAME_RATE, 3)})
+
+    @property
+    def text(self) -> str:
+        return "".join(p["text"] for p in self.pieces).strip()
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "pieces": self.pieces}
+
+
+def converse(engine: Engine, pcm: np.ndarray, sampling: SamplingConfig | None = None,
+             on_piece=None) -> tuple[np.ndarray, Transcript]:
+    """Run one conversation over `pcm` (mono float32, 24 kHz). Returns the agent's audio, the same
+    length as the input, and its transcript."""
+    n = len(pcm)
+    frames = -(-n // FRAME_SIZE)
+    padded = np.zeros(frames * FRAME_SIZE, dtype=np.float32)
+    padded[:n] = pcm
+    row = engine.open(sampling)
+    out = np.zeros_like(padded)
+    transcript = Transcript()
+    try:
+        for i in range(frames):
+            res = engine.tick({row: padded[i * FRAME_SIZE:(i + 1) * FRAME_SIZE]})[row]
+            out[i * FRAME_SIZE:(i + 1) * FRAME_SIZE] = res.pcm
+            if res.text is not None:
+                transcript.add(res.text, res.step)
+                if on_piece is not None:
+                    on_piece(res.text)
+    finally:
+        engine.close(row)
+    return out[:n], transcript
+
+
+def run_file(engine: Engine, pcm: np.ndarray, out_path: str | Path,
+             transcript_path: str | Path | None = None, sampling: SamplingConfig | None = None,
+             on_piece=None) -> Transcript:
+    """Answer `pcm` (mono float32, 24 kHz, e.g. from `read_mono`) and write the results."""
+    audio, transcript = converse(engine, pcm, sampling, on_piece)
+    write_wav(out_path, audio, SAMPLE_RATE)
+    if transcript_path is not None:
+        Path(transcript_path).write_text(json.dumps(transcript.to_json(), indent=1) + "\n")
+    return transcript
