@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_TORCH_COMPILE", "1")  # moshi's lazy compile costs 20+ s per start
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     from checkpoints.loader import CheckpointError
     from streams.audio_file import AudioInputError
     try:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -101,24 +103,38 @@ def _load_directory(name: str, root: Path, device, dtype) -> AgentBundle:
     return _load_layout(name, local, root, device, dtype)
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick probe, so that an offline machine gets the cache (or a clear message) at once
+    instead of huggingface_hub's retries with back-off."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load_from_hub(spec: str, device, dtype) -> AgentBundle:
     repo = resolve_name(spec)
     known = lookup(repo)
+    cache_only = not _hub_reachable()
     if known is not None and known.layout == "hf":
         root = _hub_call(repo, lambda hub: hub.snapshot_download(
-            repo, allow_patterns=["*.json", "*.safetensors", "*.model"]))
+            repo, allow_patterns=["*.json", "*.safetensors", "*.model"],
+            local_files_only=cache_only))
         return _load_directory(repo, Path(root), device, dtype)
 
     def fetch(filename: str, required: bool = True) -> Path | None:
         if filename.startswith("hf://"):
-            return _hub_file_spec(filename)
+            return _hub_file_spec(filename, cache_only)
         if filename.startswith("file://"):
             return Path(filename.removeprefix("file://"))
         from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
         def download(hub):
             try:
-                return hub.hf_hub_download(repo, filename)
+                return hub.hf_hub_download(repo, filename, local_files_only=cache_only)
             except LocalEntryNotFoundError:
                 raise
             except EntryNotFoundError:
@@ -130,10 +146,13 @@ def _load_from_hub(spec: str, device, dtype) -> AgentBundle:
     return _load_layout(repo, fetch, None, device, dtype)
 
 
-def _hub_file_spec(spec: str) -> Path:
+def _hub_file_spec(spec: str, cache_only: bool | None = None) -> Path:
     owner, name, *rest = spec.removeprefix("hf://").split("/")
     repo = f"{owner}/{name}"
-    return Path(_hub_call(repo, lambda hub: hub.hf_hub_download(repo, "/".join(rest))))
+    if cache_only is None:
+        cache_only = not _hub_reachable()
+    return Path(_hub_call(repo, lambda hub: hub.hf_hub_download(repo, "/".join(rest),
+                                                                local_files_only=cache_only)))
 
 
 def _hub_call(repo: str, fn: Callable):
@@ -220,9 +239,11 @@ def _load_hf_layout(name: str, root: Path, raw: dict, device, dtype) -> AgentBun
     model = _build_lm(cfg, hf_format.hf_to_kyutai_lm(state, cfg.to_moshi_lm_kwargs()), device,
                       dtype, name)
     from moshi.models import loaders
-    mimi = loaders.get_mimi(None, hf_format.hf_mimi_config_to_moshi(raw["audio_encoder_config"]),
-                            device=device, num_codebooks=max(cfg.dep_q, cfg.num_user_codebooks))
-    mimi.load_state_dict(hf_format.hf_to_kyutai_mimi(state), strict=True)
+    mimi_cfg = hf_format.hf_mimi_config_to_moshi(
+        raw.get("audio_encoder_config") or raw.get("audio_encoder") or {})
+    mimi = loaders.get_mimi(None, mimi_cfg, device=device,
+                            num_codebooks=max(cfg.dep_q, cfg.num_user_codebooks))
+    mimi.load_state_dict(hf_format.hf_to_kyutai_mimi(state, mimi_cfg), strict=True)
     tokenizers = sorted(root.glob("*.model"))
     if not tokenizers:
         raise CheckpointError(f"{name}: no SentencePiece tokenizer (*.model) in {root}; copy "

@@ -1,0 +1,146 @@
+"""Decode-attention microbenchmark: Triton ring-cache kernel vs torch SDPA (CUDA only).
+
+For each (batch, context) the cache has the model's capacity (3000 slots) and every row sits at
+position context - 1, so the valid window is `context` keys. Timings use CUDA events around a
+single call, with L2 flushed before each iteration (a per-layer KV slice is about L2-sized), and
+report the median. Bandwidth counts the bytes the operation must move: K and V of the valid
+window plus q and the output. It is compared with a measured device-to-device copy.
+
+Baselines (both without the RoPE and cache write that our kernel also does):
+  sdpa_prefix: F.scaled_dot_product_attention on the valid prefix of the cache (a view);
+  sdpa_masked: SDPA over all capacity slots with a boolean mask (what moshi does today).
+
+Usage: python -m kernels.bench_attention [results.json] [--dtype bf16] [--batches 1,8] ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+CAPACITY = 3000
+FLUSH_BYTES = 256 << 20
+COPY_BYTES = 1 << 30
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def attention_bytes(batch: int, heads: int, context: int, head_dim: int, elem_size: int) -> int:
+    """Minimum HBM traffic of one decode step: K and V of the window, plus q and the output."""
+    return (2 * context + 2) * batch * heads * head_dim * elem_size
+
+
+def time_cuda(fn, warmup: int = 5, iters: int = 30) -> float:
+    """Median seconds per call of `fn`, L2 flushed before every timed call."""
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        flush.zero_()  # evicts L2 and keeps the GPU busy while the next launch is queued
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in bytes/s (read + write counted)."""
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * COPY_BYTES / time_cuda(lambda: dst.copy_(src), warmup=3, iters=10)
+
+
+def bench_decode_attention(batches=(1, 8, 16, 32, 64), contexts=(250, 1500, 3000),
+                           dtype=torch.bfloat16, H=32, D=128) -> list[dict]:
+    """One row per (batch, context): times in microseconds, bandwidths in GB/s."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench_decode_attention needs a CUDA GPU")
+    from kernels.decode_attention import (choose_num_splits, decode_attention_triton,
+                                          default_block_n, _num_sms)
+
+    device = torch.device("cuda")
+    copy_bw = copy_bandwidth()
+    elem = torch.empty((), dtype=dtype).element_size()
+    rows = []
+    for B in batches:
+        k_cache = torch.randn(B, H, CAPACITY, D, device=device, dtype=dtype)
+        v_cache = torch.randn_like(k_cache)
+        q, k, v = (torch.randn(B, H, D, device=device, dtype=dtype) for _ in range(3))
+        exec_mask = torch.ones(B, dtype=torch.bool, device=device)
+        for ctx in contexts:
+            if ctx > CAPACITY:
+                raise ValueError(f"context {ctx} exceeds the cache capacity {CAPACITY}")
+            positions = torch.full((B,), ctx - 1, dtype=torch.int64, device=device)
+            valid = (torch.arange(CAPACITY, device=device) < ctx).view(1, 1, 1, CAPACITY)
+            q4 = q.unsqueeze(2)
+            k_prefix, v_prefix = k_cache[:, :, :ctx], v_cache[:, :, :ctx]
+            t_triton = time_cuda(lambda: decode_attention_triton(
+                q, k, v, k_cache, v_cache, positions, exec_mask))
+            t_prefix = time_cuda(lambda: F.scaled_dot_product_attention(q4, k_prefix, v_prefix))
+            t_masked = time_cuda(lambda: F.scaled_dot_product_attention(
+                q4, k_cache, v_cache, attn_mask=valid))
+            nbytes = attention_bytes(B, H, ctx, D, elem)
+            bw = nbytes / t_triton
+            rows.append({
+                "device": torch.cuda.get_device_name(device), "dtype": str(dtype).removeprefix("torch."),
+                "batch": B, "context": ctx, "capacity": CAPACITY, "heads": H, "head_dim": D,
+                "num_splits": choose_num_splits(B * H, CAPACITY, _num_sms(device), default_block_n(CAPACITY)),
+                "bytes": nbytes,
+                "triton_us": t_triton * 1e6, "sdpa_prefix_us": t_prefix * 1e6, "sdpa_masked_us": t_masked * 1e6,
+                "triton_gbps": bw / 1e9, "sdpa_prefix_gbps": nbytes / t_prefix / 1e9,
+                "copy_gbps": copy_bw / 1e9, "triton_frac_of_copy": bw / copy_bw,
+                "speedup_vs_sdpa_prefix": t_prefix / t_triton, "speedup_vs_sdpa_masked": t_masked / t_triton,
+            })
+        del k_cache, v_cache
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (f"{'B':>4} {'ctx':>5} {'splits':>6} {'triton us':>10} {'GB/s':>7} {'of copy':>8} "
+              f"{'sdpa pre us':>12} {'sdpa mask us':>13} {'x pre':>6} {'x mask':>7}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['batch']:>4} {r['context']:>5} {r['num_splits']:>6} {r['triton_us']:>10.1f} "
+            f"{r['triton_gbps']:>7.0f} {r['triton_frac_of_copy']:>8.1%} {r['sdpa_prefix_us']:>12.1f} "
+            f"{r['sdpa_masked_us']:>13.1f} {r['speedup_vs_sdpa_prefix']:>6.2f} {r['speedup_vs_sdpa_masked']:>7.2f}")
+    return "\n".join(lines)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json_path", nargs="?", help="write the rows as JSON here")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--batches", type=_int_list, default=(1, 8, 16, 32, 64))
+    parser.add_argument("--contexts", type=_int_list, default=(250, 1500, 3000))
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=128)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_attention: no CUDA GPU available; this benchmark only runs on a GPU.",
+              file=sys.stderr)
+        return 2
+    rows = bench_decode_attention(args.batches, args.contexts, DTYPES[args.dtype],
+                                  H=args.heads, D=args.head_dim)
+    print(f"{rows[0]['device']}, {args.dtype}, H={args.heads}, D={args.head_dim}, "
+          f"capacity {CAPACITY}, copy {rows[0]['copy_gbps']:.0f} GB/s")
+    print(format_table(rows))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
