@@ -7,7 +7,9 @@ ticks without touching the others.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import threading
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -49,6 +51,8 @@ class Engine:
         self.mimi = bundle.mimi
         self.mimi.streaming_forever(max_sessions)
         self.slots: list[Slot | None] = [None] * max_sessions
+        self._pending_reset: set[int] = set()
+        self._lock = threading.Lock()  # open/close may come from other threads than tick
         self._pcm_in = torch.zeros(max_sessions, 1, FRAME_SIZE, device=self.device)
         self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
         self._no_text = {self.cfg.text_pad_id, self.cfg.text_epad_id}
@@ -59,28 +63,45 @@ class Engine:
         return [i for i, s in enumerate(self.slots) if s is not None]
 
     def open(self, sampling: SamplingConfig | None = None) -> int:
-        """Claim a free slot for a new conversation and reset its state."""
-        free = [i for i, s in enumerate(self.slots) if s is None]
-        if not free:
-            raise EngineFull(f"all {self.max_sessions} conversation slots are in use")
-        row = free[0]
-        sampling = sampling or self.bundle.sampling
-        seed = self.lm.reset(row, sampling)
-        mask = torch.zeros(self.max_sessions, dtype=torch.bool, device=self.device)
-        mask[row] = True
-        self.mimi.reset_streaming(mask)
-        self.slots[row] = Slot(sampling, seed)
+        """Claim a free slot for a new conversation. Its state is reset at the start of the next
+        tick, on the thread that runs ticks, so this is safe to call while a tick runs."""
+        sampling = (sampling or self.bundle.sampling).validated()
+        if sampling.seed is None:
+            sampling = replace(sampling, seed=int.from_bytes(os.urandom(6), "little"))
+        with self._lock:
+            free = [i for i, s in enumerate(self.slots) if s is None]
+            if not free:
+                raise EngineFull(f"all {self.max_sessions} conversation slots are in use")
+            row = free[0]
+            self.slots[row] = Slot(sampling, sampling.seed)
+            self._pending_reset.add(row)
         return row
 
     def close(self, row: int) -> None:
-        self.slots[row] = None
+        with self._lock:
+            self.slots[row] = None
+
+    def _apply_resets(self) -> None:
+        with self._lock:
+            rows = [(r, self.slots[r]) for r in self._pending_reset if self.slots[r] is not None]
+            self._pending_reset.clear()
+        if not rows:
+            return
+        mask = torch.zeros(self.max_sessions, dtype=torch.bool, device=self.device)
+        for row, slot in rows:
+            self.lm.reset(row, slot.sampling)
+            mask[row] = True
+        self.mimi.reset_streaming(mask)
 
     # -- one tick --------------------------------------------------------------------------------
     @torch.no_grad()
     def tick(self, frames: dict[int, np.ndarray | torch.Tensor]) -> dict[int, FrameOut]:
         """Advance the slots in `frames` (each a [1920] float32 24 kHz frame) by one step."""
-        for row in frames:
-            if self.slots[row] is None:
+        self._apply_resets()
+        with self._lock:
+            slots = {row: self.slots[row] for row in frames}
+        for row, slot in slots.items():
+            if slot is None:
                 raise KeyError(f"slot {row} is not open")
         exec_mask = torch.zeros(self.max_sessions, dtype=torch.bool)
         exec_mask[list(frames)] = True
@@ -102,8 +123,7 @@ class Engine:
         ready = ready.cpu()
 
         results = {}
-        for row in frames:
-            slot = self.slots[row]
+        for row, slot in slots.items():
             text_id = int(out[row, 0])
             results[row] = FrameOut(
                 pcm=pcm_out[row].copy() if bool(ready[row]) else self._silence.copy(),

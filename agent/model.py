@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from agent.config import LMConfig
-from kernels.attention_ref import decode_attention_ref as decode_attention  # TODO dispatcher
+from kernels.decode_attention import decode_attention
 
 
 def embed(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:

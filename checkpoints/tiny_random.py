@@ -19,6 +19,7 @@ Everything here is rebuilt from a seed, so tests and demos run without any downl
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import itertools
@@ -135,7 +136,11 @@ def tiny_mimi_state(seed: int = TINY_SEED) -> dict[str, torch.Tensor]:
 
 @functools.lru_cache(maxsize=4)
 def _mimi_state_cached(seed: int) -> dict[str, torch.Tensor]:
-    with torch.random.fork_rng(), torch.no_grad():  # leave the caller's global RNG alone
+    # Leave the caller's global RNG alone, and calibrate single-threaded: the result then doesn't
+    # depend on the caller's thread count (reduction order), and these thin convolutions over long
+    # signals gain little from a second intra-op thread on an idle CPU but lose seconds to
+    # spin-waiting on a busy one.
+    with torch.random.fork_rng(), torch.no_grad(), _single_threaded():
         torch.manual_seed(seed)
         model = get_mimi(None, tiny_mimi_config(), device="cpu", num_codebooks=8)
         gen = torch.Generator().manual_seed(seed)
@@ -153,6 +158,16 @@ def _mimi_state_cached(seed: int) -> dict[str, torch.Tensor]:
         last = model.decoder.model[-1].conv.conv
         last.weight.mul_(_DECODER_RMS / decoded.pow(2).mean().sqrt().item())
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+@contextlib.contextmanager
+def _single_threaded():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _init_convs(model: nn.Module, gen: torch.Generator) -> None:

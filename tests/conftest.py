@@ -5,3 +5,10 @@ from pathlib import Path
 # moshi's lazy torch.compile costs 20+ s on the first step; tests run eager.
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+# Without a GPU, Triton kernels can only run in its interpreter; it must be chosen before any
+# module that defines kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,262 @@
+"""Public API: load an agent once, hold many conversations with it.
+
+    agent = Agent.load("tiny-random", max_conversations=8)
+    conv = agent.open()                       # raises AgentFull when every slot is taken
+    conv.push(pcm, rate=48_000)               # any length, any rate: a live source
+    async for event in conv.events():         # AudioOut / TextOut as the agent speaks
+        ...
+    conv.close(); agent.close()
+
+All model work runs on the engine's own thread (see `agent/driver.py`); these methods only move
+buffers and never block the asyncio event loop on the GPU.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agent.config import FRAME_SIZE, SAMPLE_RATE, SamplingConfig
+from agent.engine import EngineFull
+
+# Live input may run at most this far ahead of the engine before the oldest audio is dropped.
+DEFAULT_MAX_BACKLOG_FRAMES = 25  # 2 s
+DEFAULT_MAX_OUTPUT_FRAMES = 250  # 20 s of unread output
+
+
+class AgentFull(EngineFull):
+    """No free conversation slot."""
+
+
+class ConversationClosed(Exception):
+    pass
+
+
+@dataclass
+class AudioOut:
+    pcm: np.ndarray  # [1920] float32 at 24 kHz
+    step: int  # frame index in this conversation
+    t_in: float  # time.monotonic() when the input frame that produced it was complete
+
+
+@dataclass
+class TextOut:
+    text: str
+    step: int
+    start: float  # seconds from the conversation's start
+    end: float
+
+
+@dataclass
+class ErrorOut:
+    message: str
+
+
+@dataclass
+class ConversationStats:
+    frames_in: int = 0
+    frames_out: int = 0
+    dropped_input_frames: int = 0  # input backlog overflow (client faster than real time)
+    dropped_output_frames: int = 0  # consumer did not read its events in time
+    text_pieces: int = 0
+    frame_latency_ms: deque = field(default_factory=lambda: deque(maxlen=500))  # input complete -> output ready
+
+    def as_dict(self) -> dict:
+        lat = sorted(self.frame_latency_ms)
+        pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 2)) if lat else (lambda q: None)
+        return {"frames_in": self.frames_in, "frames_out": self.frames_out,
+                "dropped_input_frames": self.dropped_input_frames,
+                "dropped_output_frames": self.dropped_output_frames,
+                "text_pieces": self.text_pieces,
+                "frame_latency_ms_p50": pct(0.5), "frame_latency_ms_p99": pct(0.99)}
+
+
+_ids = itertools.count(1)
+
+
+class Conversation:
+    """One full-duplex conversation. Create with `Agent.open()`."""
+
+    def __init__(self, agent: "Agent", slot: int, loop: asyncio.AbstractEventLoop | None,
+                 max_backlog: int, max_output: int):
+        self.id = f"c{next(_ids)}"
+        self.agent, self.slot = agent, slot
+        self.stats = ConversationStats()
+        self.closed = False
+        self.error: str | None = None
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._partial = np.zeros(0, dtype=np.float32)
+        self._frames: deque[tuple[np.ndarray, float]] = deque()
+        self._max_backlog = max_backlog
+        self._events: asyncio.Queue | None = asyncio.Queue(max_output) if loop else None
+        self._resamplers: dict[int, object] = {}
+
+    # -- input -----------------------------------------------------------------------------------
+    def push(self, pcm: np.ndarray, rate: int = SAMPLE_RATE) -> None:
+        """Hand in audio as it arrives: mono float32 (or int16) samples in [-1, 1], any length.
+        If the engine falls behind, the oldest frames beyond the backlog are dropped and counted."""
+        if self.closed:
+            raise ConversationClosed(f"conversation {self.id} is closed")
+        pcm = _validate_pcm(pcm, rate)
+        if rate != SAMPLE_RATE:
+            pcm = self._resample(pcm, rate)
+        now = time.monotonic()
+        with self._lock:
+            buf = np.concatenate([self._partial, pcm]) if len(self._partial) else pcm
+            n = len(buf) // FRAME_SIZE
+            for i in range(n):
+                self._frames.append((buf[i * FRAME_SIZE:(i + 1) * FRAME_SIZE].copy(), now))
+            self._partial = buf[n * FRAME_SIZE:].copy()
+            self.stats.frames_in += n
+            while len(self._frames) > self._max_backlog:
+                self._frames.popleft()
+                self.stats.dropped_input_frames += 1
+        if n:
+            self.agent._driver.wake()
+
+    async def send(self, pcm: np.ndarray, rate: int = SAMPLE_RATE) -> None:
+        """Like `push`, but waits for room in the backlog instead of dropping: for sources faster
+        than real time (files) that must not lose audio."""
+        while True:
+            with self._lock:
+                room = self._max_backlog - len(self._frames)
+            if room > 0 or self.closed:
+                break
+            await asyncio.sleep(0.005)
+        self.push(pcm, rate)
+
+    def _resample(self, pcm: np.ndarray, rate: int) -> np.ndarray:
+        import soxr
+        stream = self._resamplers.get(rate)
+        if stream is None:  # streaming resampler: keeps its filter state across pushes
+            stream = self._resamplers[rate] = soxr.ResampleStream(rate, SAMPLE_RATE, 1,
+                                                                  dtype="float32", quality="HQ")
+        return stream.resample_chunk(pcm)
+
+    def _take_frame(self) -> tuple[np.ndarray, float] | None:
+        with self._lock:
+            return self._frames.popleft() if self._frames else None
+
+    @property
+    def backlog(self) -> int:
+        with self._lock:
+            return len(self._frames)
+
+    # -- output ----------------------------------------------------------------------------------
+    async def events(self):
+        """Async iterator over AudioOut / TextOut (and a final ErrorOut if the engine failed)."""
+        while True:
+            event = await self.recv()
+            if event is None:
+                return
+            yield event
+
+    async def recv(self):
+        """The next event, or None once the conversation is closed and drained."""
+        assert self._events is not None, "open() the conversation inside an event loop for events"
+        if self.closed and self._events.empty():
+            return None
+        return await self._events.get()
+
+    def _deliver(self, event) -> None:  # on the event loop
+        q = self._events
+        if q is None:
+            return
+        if q.full():
+            q.get_nowait()
+            self.stats.dropped_output_frames += 1
+        q.put_nowait(event)
+
+    # -- end -------------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.agent._release(self)
+        if self._events is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver, None)
+
+
+def _validate_pcm(pcm, rate) -> np.ndarray:
+    if not isinstance(rate, (int, np.integer)) or not (8000 <= rate <= 192_000):
+        raise ValueError(f"sample rate must be an integer in [8000, 192000] Hz, got {rate!r}")
+    a = np.asarray(pcm)
+    if a.dtype == np.int16:
+        a = a.astype(np.float32) / 32768.0
+    elif a.dtype not in (np.float32, np.float64):
+        raise TypeError(f"audio must be float32 or int16 samples, got dtype {a.dtype}")
+    if a.ndim == 2 and 1 in a.shape:
+        a = a.reshape(-1)
+    if a.ndim != 1:
+        raise ValueError(f"audio must be mono (1-D), got shape {a.shape}")
+    a = a.astype(np.float32, copy=False)
+    if not np.isfinite(a).all():
+        raise ValueError("audio contains NaN or infinite samples")
+    return np.clip(a, -1.0, 1.0)
+
+
+class Agent:
+    """A loaded model and its engine thread, shared by all conversations."""
+
+    def __init__(self, engine, max_backlog: int = DEFAULT_MAX_BACKLOG_FRAMES,
+                 max_output: int = DEFAULT_MAX_OUTPUT_FRAMES):
+        from agent.driver import EngineDriver
+        self.engine = engine
+        self.max_conversations = engine.max_sessions
+        self._max_backlog, self._max_output = max_backlog, max_output
+        self._conversations: dict[int, Conversation] = {}
+        self._lock = threading.Lock()
+        self._driver = EngineDriver(self)
+        self._driver.start()
+
+    @classmethod
+    def load(cls, checkpoint: str = "kyutai/moshiko-pytorch-bf16", device=None,
+             max_conversations: int = 8, **kwargs) -> "Agent":
+        from agent.engine import Engine
+        from checkpoints.loader import load_checkpoint
+        return cls(Engine(load_checkpoint(checkpoint, device), max_conversations), **kwargs)
+
+    @property
+    def sampling_defaults(self) -> SamplingConfig:
+        return self.engine.bundle.sampling
+
+    def open(self, sampling: SamplingConfig | None = None) -> Conversation:
+        """Start a conversation. Call from the event loop that will consume its events."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self._lock:
+            try:
+                slot = self._driver.call(lambda: self.engine.open(sampling))
+            except EngineFull as e:
+                raise AgentFull(str(e)) from None
+            conv = Conversation(self, slot, loop, self._max_backlog, self._max_output)
+            self._conversations[slot] = conv
+        return conv
+
+    def _release(self, conv: Conversation) -> None:
+        with self._lock:
+            if self._conversations.get(conv.slot) is conv:
+                del self._conversations[conv.slot]
+                self._driver.call(lambda: self.engine.close(conv.slot))
+
+    def conversations(self) -> list[Conversation]:
+        with self._lock:
+            return list(self._conversations.values())
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return len(self._conversations)
+
+    def close(self) -> None:
+        for conv in self.conversations():
+            conv.close()
+        self._driver.stop()

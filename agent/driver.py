@@ -1,0 +1,106 @@
+"""The engine thread: gathers one input frame from each conversation that has one, runs a tick,
+and hands the results back to each conversation's event loop.
+
+GPU work happens only here, never on an asyncio event loop. A conversation whose next frame has
+not arrived does not hold the others back for longer than `gather_window_s`: it simply skips the
+tick (its state does not advance).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+from agent.api import AudioOut, ErrorOut, TextOut
+from agent.config import FRAME_RATE
+
+log = logging.getLogger(__name__)
+
+
+class EngineDriver(threading.Thread):
+    def __init__(self, agent, gather_window_s: float = 0.010):
+        super().__init__(name="engine", daemon=True)
+        self.agent, self.engine = agent, agent.engine
+        self.gather_window_s = gather_window_s
+        self._wake = threading.Event()
+        self._stopping = False
+        self.ticks = 0
+        self.failed_ticks = 0
+        self.tick_ms: deque[float] = deque(maxlen=2000)
+        self.batch_sizes: deque[int] = deque(maxlen=2000)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout)
+
+    def run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(0.1)
+            self._wake.clear()
+            while not self._stopping and self._tick_once():
+                pass
+
+    def _tick_once(self) -> bool:
+        """Run one tick if any conversation has a frame; returns whether it ran."""
+        conversations = self.agent.conversations()
+        if not any(c.backlog for c in conversations):
+            return False
+        deadline = time.monotonic() + self.gather_window_s
+        while time.monotonic() < deadline and not all(c.backlog for c in conversations):
+            time.sleep(0.001)
+        frames, taken = {}, {}
+        for conv in conversations:
+            item = conv._take_frame()
+            if item is not None:
+                frames[conv.slot] = item[0]
+                taken[conv.slot] = (conv, item[1])
+        if not frames:
+            return False
+        t0 = time.perf_counter()
+        try:
+            results = self.engine.tick(frames)
+        except Exception as e:  # the engine keeps serving; only this tick's conversations end
+            self.failed_ticks += 1
+            log.exception("tick failed for conversations %s", [c.id for c, _ in taken.values()])
+            for conv, _ in taken.values():
+                self._fail(conv, f"internal error while generating: {type(e).__name__}")
+            return True
+        self.tick_ms.append((time.perf_counter() - t0) * 1000)
+        self.batch_sizes.append(len(frames))
+        self.ticks += 1
+        done = time.monotonic()
+        for row, out in results.items():
+            conv, t_in = taken[row]
+            conv.stats.frames_out += 1
+            conv.stats.frame_latency_ms.append((done - t_in) * 1000)
+            events = [AudioOut(out.pcm, out.step, t_in)]
+            if out.text is not None:
+                conv.stats.text_pieces += 1
+                events.append(TextOut(out.text, out.step, out.step / FRAME_RATE,
+                                      (out.step + 1) / FRAME_RATE))
+            self._deliver(conv, events)
+        return True
+
+    def _deliver(self, conv, events) -> None:
+        loop = conv._loop
+        if loop is None or loop.is_closed() or conv.closed:
+            return
+
+        def put():
+            for e in events:
+                conv._deliver(e)
+        try:
+            loop.call_soon_threadsafe(put)
+        except RuntimeError:  # loop closed in between
+            pass
+
+    def _fail(self, conv, message: str) -> None:
+        conv.error = message
+        self._deliver(conv, [ErrorOut(message)])
+        conv.close()

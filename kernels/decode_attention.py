@@ -1,0 +1,291 @@
+"""Triton decode attention over a per-slot ring KV cache (one query token per conversation).
+
+Same contract as `kernels.attention_ref.decode_attention_ref` (see its docstring for shapes):
+RoPE on q and the new k, ring write of the new k/v into slot `positions[b] % C` for executing
+rows, then softmax attention of q over the valid window, i.e. slots `j <= positions[b]`
+(all C slots once the ring is full). Because RoPE is applied before keys are cached, the
+order of the slots is irrelevant and the window is just the prefix `[0, min(pos + 1, C))`.
+
+Algorithm ("flash-decoding", two launches):
+
+1. `_decode_split_kernel`, grid (B, H, num_splits). Each program
+   - loads q, k, v of its (b, h) row, applies interleaved RoPE in fp32 and rounds the results
+     to the dtypes the reference would store them in;
+   - takes a BLOCK_N-aligned chunk of the row's window and streams it in BLOCK_N x D tiles
+     with an online softmax (running max m, running sum l, unnormalised accumulator acc),
+     all in fp32. A single query row needs no matrix unit: scores are `sum(q * k_tile, 1)`.
+   - The current step's slot is never read from memory: every program masks it out of its
+     loads and substitutes the new k/v from registers. The write of the new k/v (done by
+     split 0) can therefore race with the reads of other programs without changing the result.
+   - Writes (m, l, acc) to an fp32 workspace, or, with a single split, the final output.
+2. `_decode_combine_kernel`, grid (B, H): merges the splits with the log-sum-exp rule
+   out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, with M = max_s m_s; empty splits
+   (m_s = -inf) get weight 0.
+
+Rows with exec_mask False read nothing and write nothing; their output is 0 (the contract
+leaves it unspecified). The number of splits is chosen on the host from B*H and the cache
+capacity only (reading `positions` would force a device sync and break CUDA graphs); the
+split length is derived in the kernel from each row's actual window, so short windows cost
+proportionally less.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from kernels.attention_ref import decode_attention_ref, rope_frequencies
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # e.g. macOS: only the torch path is available
+    triton = None
+
+# Aim for a few resident programs per SM so that enough loads are in flight to saturate HBM.
+PROGRAMS_PER_SM = 4
+MAX_SPLITS = 64
+# Streaming multiprocessor count assumed for CPU tensors (Triton interpreter): keeps tests cheap.
+INTERPRETER_NUM_SMS = 4
+
+
+def choose_num_splits(batch_heads: int, window: int, num_sms: int, block_n: int) -> int:
+    """Number of key splits per (batch, head) row.
+
+    Enough programs for PROGRAMS_PER_SM per SM, but never more splits than BLOCK_N tiles in
+    the window (a split of less than one tile only adds combine work) nor MAX_SPLITS.
+    """
+    wanted = (PROGRAMS_PER_SM * num_sms) // max(batch_heads, 1)
+    useful = -(-window // block_n)
+    return max(1, min(wanted, useful, MAX_SPLITS))
+
+
+def default_block_n(capacity: int) -> int:
+    # 64 keys x 128 dims keeps K and V tiles in registers with 4 warps; tiny caches
+    # (the depth transformer's C=8) use a smaller tile, >= 16 to stay a safe Triton shape.
+    return max(16, min(64, 1 << max(capacity - 1, 0).bit_length()))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_NUM_SMS
+
+
+@functools.lru_cache(maxsize=None)
+def _rope_table(head_dim: int, max_period: float, device: torch.device) -> torch.Tensor:
+    # Built once with the reference's own expression so the fp32 angles pos * freq are
+    # bit-identical to the reference (an in-kernel exp would differ by an ulp, which at
+    # positions ~1e5 moves the angle by ~1e-2 rad). Create it before CUDA graph capture
+    # (any warm-up call does).
+    return rope_frequencies(head_dim, max_period, device).contiguous()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_split_kernel(
+        q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, exec_ptr, freq_ptr,
+        out_ptr, part_acc_ptr, part_ml_ptr,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+        stride_kcb, stride_kch, stride_kcc, stride_vcb, stride_vch, stride_vcc,
+        stride_ob, stride_oh,
+        C, num_splits, qk_scale,
+        D: tl.constexpr, ROPE: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        s = tl.program_id(2)
+        H = tl.num_programs(1)
+
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+        run = tl.load(exec_ptr + b) != 0
+        cur = pos % C
+        # Idle rows get an empty window: they read nothing.
+        window = tl.where(run, tl.minimum(pos + 1, C), 0)
+        split_len = tl.cdiv(tl.cdiv(window, num_splits), BLOCK_N) * BLOCK_N
+        start = s * split_len
+        end = tl.minimum(start + split_len, window)
+
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        q_row = q_ptr + b * stride_qb + h * stride_qh
+        k_row = k_ptr + b * stride_kb + h * stride_kh
+        v_row = v_ptr + b * stride_vb + h * stride_vh
+        q = tl.load(q_row + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        k_new = tl.load(k_row + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        if ROPE:
+            # Interleaved pairs (2i, 2i+1): out[2i] = x[2i] cos - x[2i+1] sin,
+            # out[2i+1] = x[2i+1] cos + x[2i] sin. The partner of d is d ^ 1.
+            partner = offs_d ^ 1
+            freq = tl.load(freq_ptr + offs_d // 2, mask=d_mask, other=0.0)
+            angle = pos.to(tl.float32) * freq
+            cos = tl.cos(angle)
+            sin = tl.where(offs_d % 2 == 0, -tl.sin(angle), tl.sin(angle))
+            q_p = tl.load(q_row + partner, mask=d_mask, other=0.0).to(tl.float32)
+            k_p = tl.load(k_row + partner, mask=d_mask, other=0.0).to(tl.float32)
+            q = q * cos + q_p * sin
+            k_new = k_new * cos + k_p * sin
+        # Round like the reference: rotated q/k in their input dtype, then k into the cache dtype.
+        cache_ty = kc_ptr.dtype.element_ty
+        q = q.to(q_ptr.dtype.element_ty).to(tl.float32) * qk_scale
+        k_new = k_new.to(k_ptr.dtype.element_ty).to(cache_ty)
+        v_new = tl.load(v_row + offs_d, mask=d_mask, other=0.0).to(vc_ptr.dtype.element_ty)
+
+        kc_row = kc_ptr + b * stride_kcb + h * stride_kch
+        vc_row = vc_ptr + b * stride_vcb + h * stride_vch
+        # One program per row writes the new k/v; nobody reads that slot from memory.
+        # (Mask built by comparing offsets: the interpreter mis-types scalar-bool broadcasts.)
+        write = offs_d < tl.where(run & (s == 0), D, 0)
+        tl.store(kc_row + cur * stride_kcc + offs_d, k_new, mask=write)
+        tl.store(vc_row + cur * stride_vcc + offs_d, v_new, mask=write)
+        k_new = k_new.to(tl.float32)
+        v_new = v_new.to(tl.float32)
+
+        m_i = -float("inf")
+        l_i = 0.0
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            in_win = offs_n < end
+            is_cur = offs_n == cur
+            tile_mask = (in_win & (offs_n != cur))[:, None] & d_mask[None, :]
+            k_t = tl.load(kc_row + offs_n[:, None] * stride_kcc + offs_d[None, :],
+                          mask=tile_mask, other=0.0).to(tl.float32)
+            k_t = tl.where(is_cur[:, None], k_new[None, :], k_t)
+            scores = tl.sum(q[None, :] * k_t, 1)  # already in log2 units (qk_scale)
+            scores = tl.where(in_win, scores, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new)
+            v_t = tl.load(vc_row + offs_n[:, None] * stride_vcc + offs_d[None, :],
+                          mask=tile_mask, other=0.0).to(tl.float32)
+            v_t = tl.where(is_cur[:, None], v_new[None, :], v_t)
+            acc = acc * alpha + tl.sum(p[:, None] * v_t, 0)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            m_i = m_new
+
+        if SINGLE_SPLIT:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)  # idle rows (l = 0) get 0
+            tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d,
+                     out.to(out_ptr.dtype.element_ty), mask=d_mask)
+        else:
+            part = (b * H + h) * num_splits + s
+            tl.store(part_acc_ptr + part * D + offs_d, acc, mask=d_mask)
+            tl.store(part_ml_ptr + part * 2, m_i)
+            tl.store(part_ml_ptr + part * 2 + 1, l_i)
+
+    @triton.jit
+    def _decode_combine_kernel(
+        part_acc_ptr, part_ml_ptr, out_ptr, stride_ob, stride_oh, num_splits,
+        D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        H = tl.num_programs(1)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_mask = offs_s < num_splits
+        d_mask = offs_d < D
+        part = (b * H + h) * num_splits + offs_s
+        m = tl.load(part_ml_ptr + part * 2, mask=s_mask, other=-float("inf"))
+        l = tl.load(part_ml_ptr + part * 2 + 1, mask=s_mask, other=0.0)
+        m_max = tl.max(m, 0)
+        m_max = tl.where(m_max == -float("inf"), 0.0, m_max)  # idle row: avoid -inf - -inf
+        w = tl.where(m == -float("inf"), 0.0, tl.exp2(m - m_max))
+        acc = tl.load(part_acc_ptr + part[:, None] * D + offs_d[None, :],
+                      mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+        num = tl.sum(w[:, None] * acc, 0)
+        den = tl.sum(w * l, 0)
+        out = num / tl.where(den > 0, den, 1.0)  # idle rows (den = 0) get 0
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d,
+                 out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            positions: torch.Tensor, exec_mask: torch.Tensor,
+                            max_period: float | None = 10_000.0, *,
+                            num_splits: int | None = None,
+                            block_n: int | None = None) -> torch.Tensor:
+    """Triton version of `decode_attention_ref` (same arguments and semantics).
+
+    `num_splits` / `block_n` override the heuristics (tests and tuning). Updates
+    k_cache/v_cache in place and returns the output [B, H, D] in q's dtype.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed; use AGENT_KERNELS=torch")
+    B, H, C, D = k_cache.shape
+    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise ValueError("k_cache and v_cache must have the same shape and dtype")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape != (B, H, D):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(B, H, D)}")
+    if positions.shape != (B,) or exec_mask.shape != (B,):
+        raise ValueError("positions and exec_mask must have shape [B]")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("caches are updated in place and need a contiguous last dimension")
+    if max_period is not None and D % 2:
+        raise ValueError("RoPE needs an even head dimension")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    block_n = block_n or default_block_n(C)
+    if block_n & (block_n - 1):
+        raise ValueError("block_n must be a power of two")
+    splits = num_splits or choose_num_splits(B * H, C, _num_sms(q.device), block_n)
+    block_d = triton.next_power_of_2(D)
+    rope = max_period is not None
+    freqs = _rope_table(D, float(max_period), q.device) if rope else positions  # unused if no RoPE
+
+    out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
+    single = splits == 1
+    if single:
+        part_acc = part_ml = out  # not touched by the kernel
+    else:
+        part_acc = torch.empty(B, H, splits, D, device=q.device, dtype=torch.float32)
+        part_ml = torch.empty(B, H, splits, 2, device=q.device, dtype=torch.float32)
+    qk_scale = 1.0 / math.sqrt(D) * math.log2(math.e)  # softmax via exp2
+
+    _decode_split_kernel[(B, H, splits)](
+        q, k, v, k_cache, v_cache, positions, exec_mask, freqs,
+        out, part_acc, part_ml,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        C, splits, qk_scale,
+        D=D, ROPE=rope, SINGLE_SPLIT=single, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=4,
+    )
+    if not single:
+        _decode_combine_kernel[(B, H)](
+            part_acc, part_ml, out, out.stride(0), out.stride(1), splits,
+            D=D, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4,
+        )
+    return out
+
+
+def _backend() -> str:
+    mode = os.environ.get("AGENT_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "triton", "torch"):
+        raise ValueError(f"AGENT_KERNELS={mode!r}: expected triton, torch or auto")
+    return mode
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     positions: torch.Tensor, exec_mask: torch.Tensor,
+                     max_period: float | None = 10_000.0) -> torch.Tensor:
+    """One decode step of ring-cache attention; picks the implementation.
+
+    AGENT_KERNELS=auto (default): Triton on CUDA tensors, the torch reference elsewhere.
+    AGENT_KERNELS=triton forces Triton (CPU tensors need TRITON_INTERPRET=1);
+    AGENT_KERNELS=torch forces the reference.
+    """
+    mode = _backend()
+    use_triton = mode == "triton" or (mode == "auto" and q.is_cuda and triton is not None)
+    impl = decode_attention_triton if use_triton else decode_attention_ref
+    return impl(q, k, v, k_cache, v_cache, positions, exec_mask, max_period)

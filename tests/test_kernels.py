@@ -1,0 +1,276 @@
+"""Triton decode attention (kernels/decode_attention.py) against the torch reference.
+
+Without CUDA the kernels run in the Triton interpreter on CPU tensors (fp32, fp16); with CUDA
+the same cases run compiled on the GPU, plus bf16 and the real model shapes. Every case draws
+fresh random inputs; the seed is part of every assertion message so a failure can be replayed
+with `run_case(..., seed=SEED)`.
+
+Poisoning: cache slots the kernel must not read (outside the valid window, and the slot about to
+be overwritten) hold NaN, so any stray read shows up as a non-finite output. The reference runs
+on a sanitised copy (NaN -> 0), because SDPA multiplies masked-out values by 0 and 0 * NaN = NaN.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must happen before kernels.decode_attention decorates its kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+import kernels.decode_attention as da  # noqa: E402
+from kernels.attention_ref import decode_attention_ref  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+if not CUDA and not isinstance(da._decode_split_kernel, InterpretedFunction):
+    # Another module imported the kernels before TRITON_INTERPRET was set: decorate again.
+    da = importlib.reload(da)
+    if not isinstance(da._decode_split_kernel, InterpretedFunction):
+        pytest.skip("no CUDA and the Triton interpreter is not enabled (TRITON_INTERPRET=0?)",
+                    allow_module_level=True)
+
+bf16_needs_gpu = pytest.mark.skipif(not CUDA, reason="bf16 tl ops are wrong in the Triton interpreter")
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16", marks=bf16_needs_gpu)]
+
+# (atol, rtol) for the attention output and for the rotated key written into the cache
+# (one rounding of an fp32 RoPE result that may differ from the reference's by an ulp).
+OUT_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+SLOT_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)}
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def fresh_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def _poison_allocator(*shapes, device) -> None:
+    """Best effort: leave NaN-filled freed blocks of the sizes the kernel is about to allocate
+    (output, split workspace), so an element it forgets to write is likely to read as NaN."""
+    blocks = [torch.full(s, float("nan"), device=device) for s in shapes]
+    del blocks
+
+
+def run_case(B, H, C, D, dtype, positions, exec_mask=None, max_period=10_000.0, *,
+             num_splits=None, block_n=None, seed=None, caches=None):
+    """One decode step with both implementations; checks output and both caches.
+
+    `caches` optionally supplies (k_cache, v_cache) tensors (e.g. strided views) to fill.
+    """
+    seed = fresh_seed() if seed is None else seed
+    exec_mask = [True] * B if exec_mask is None else exec_mask
+    ctx = (f"seed={seed} B={B} H={H} C={C} D={D} {dtype} positions={positions} "
+           f"exec={exec_mask} max_period={max_period} splits={num_splits} block_n={block_n}")
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
+
+    q, k, v = randn(B, H, D), randn(B, H, D), randn(B, H, D)
+    if caches is None:
+        k_cache, v_cache = randn(B, H, C, D), randn(B, H, C, D)
+    else:
+        k_cache, v_cache = caches
+        k_cache.copy_(randn(B, H, C, D))
+        v_cache.copy_(randn(B, H, C, D))
+    pos = torch.tensor(positions, dtype=torch.int64, device=DEVICE)
+    ex = torch.tensor(exec_mask, dtype=torch.bool, device=DEVICE)
+
+    slots = torch.arange(C, device=DEVICE).view(1, C)
+    written = (slots == (pos % C).view(B, 1)) & ex.view(B, 1)  # [B, C]
+    never_written = slots > pos.view(B, 1)
+    poison = (written | never_written).view(B, 1, C, 1).expand(B, H, C, D)
+    k_cache.masked_fill_(poison, float("nan"))
+    v_cache.masked_fill_(poison, float("nan"))
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+
+    k_ref, v_ref = torch.nan_to_num(k_cache, nan=0.0), torch.nan_to_num(v_cache, nan=0.0)
+    ref = decode_attention_ref(q, k, v, k_ref, v_ref, pos, ex, max_period)
+
+    splits = num_splits or da.choose_num_splits(B * H, C, da._num_sms(torch.device(DEVICE)),
+                                                 block_n or da.default_block_n(C))
+    _poison_allocator((B, H, D), (B, H, splits, D), (B, H, splits, 2), device=DEVICE)
+    out = da.decode_attention_triton(q, k, v, k_cache, v_cache, pos, ex, max_period,
+                                     num_splits=num_splits, block_n=block_n)
+    assert out.shape == (B, H, D) and out.dtype == dtype, ctx
+
+    atol, rtol = OUT_TOL[dtype]
+    got, want = out[ex].float().cpu(), ref[ex].float().cpu()
+    assert torch.isfinite(got).all(), f"non-finite output: {ctx}"
+    err = (got - want).abs().max().item() if got.numel() else 0.0
+    assert torch.allclose(got, want, atol=atol, rtol=rtol), f"output max err {err:.3g}: {ctx}"
+
+    # The written slot equals the reference's; every other element is untouched, bit for bit.
+    sel = written.view(B, 1, C, 1).expand(B, H, C, D)
+    atol, rtol = SLOT_TOL[dtype]
+    assert torch.allclose(k_cache[sel].float(), k_ref[sel].float(), atol=atol, rtol=rtol), \
+        f"written key differs: {ctx}"
+    assert torch.equal(v_cache[sel], v_ref[sel]), f"written value differs: {ctx}"
+    bits = INT_VIEW[dtype]
+    assert torch.equal(k_cache[~sel].view(bits), k_before[~sel].view(bits)), f"key cache clobbered: {ctx}"
+    assert torch.equal(v_cache[~sel].view(bits), v_before[~sel].view(bits)), f"value cache clobbered: {ctx}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [32, 64])
+def test_odd_sizes(dtype, D):
+    run_case(3, 5, 37, D, dtype, positions=[0, 20, 36])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ring_wraparound(dtype):
+    # Past the end of the ring, including a large position (RoPE at large angles).
+    run_case(3, 5, 37, 32, dtype, positions=[37, 37 * 4 + 11, 100_003])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_window_of_one(dtype):
+    # First step of each conversation; with 4 splits three of them are empty.
+    run_case(2, 3, 37, 32, dtype, positions=[0, 0])
+    run_case(2, 3, 37, 32, dtype, positions=[0, 0], num_splits=4, block_n=16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("position", [2999, 7001])
+def test_full_long_window(dtype, position):
+    # Real capacity, full window (exactly full, and wrapped); splits from the heuristic.
+    run_case(1, 1, 3000, 32, dtype, positions=[position])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mixed_exec_mask(dtype):
+    run_case(5, 3, 37, 32, dtype, positions=[0, 5, 36, 40, 500],
+             exec_mask=[True, False, True, False, True])
+    run_case(2, 3, 37, 32, dtype, positions=[3, 80], exec_mask=[False, False])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_rope_depth_transformer(dtype):
+    # Depth transformer: C=8, no RoPE, windows from 1 to full and wrapped.
+    run_case(4, 3, 8, 64, dtype, positions=[0, 3, 7, 42], max_period=None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 5])
+def test_forced_splits(dtype, num_splits):
+    # Small tiles so that splits span several tiles and the combine sees uneven / empty splits.
+    run_case(3, 2, 37, 32, dtype, positions=[3, 36, 37 * 2 + 30],
+             num_splits=num_splits, block_n=16)
+
+
+def test_strided_views():
+    # Caches as views of one (2, B, H, C, D) buffer (as moshi's RingKVCache stores them).
+    B, H, C, D = 3, 2, 37, 32
+    buf = torch.empty(2, B, H, C, D, device=DEVICE)
+    run_case(B, H, C, D, torch.float32, positions=[1, 36, 90], caches=(buf[0], buf[1]),
+             num_splits=2, block_n=16)
+
+
+def test_consecutive_steps():
+    # A stream of steps through the ring's wrap with a random exec mask: both caches evolve alike.
+    B, H, C, D = 2, 2, 8, 32
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(B, H, C, D, generator=gen).to(DEVICE)
+    v_cache = torch.randn(B, H, C, D, generator=gen).to(DEVICE)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    pos = torch.zeros(B, dtype=torch.int64)
+    for step in range(12):
+        ex = torch.rand(B, generator=gen) < 0.7
+        q, k, v = (torch.randn(B, H, D, generator=gen).to(DEVICE) for _ in range(3))
+        p, e = pos.to(DEVICE), ex.to(DEVICE)
+        out = da.decode_attention_triton(q, k, v, k_cache, v_cache, p, e, num_splits=2, block_n=16)
+        ref = decode_attention_ref(q, k, v, k_ref, v_ref, p, e)
+        ctx = f"seed={seed} step={step} positions={pos.tolist()} exec={ex.tolist()}"
+        assert torch.allclose(out[e].cpu(), ref[e].cpu(), atol=1e-5, rtol=1e-5), ctx
+        assert torch.allclose(k_cache, k_ref, atol=1e-5, rtol=1e-5), ctx
+        assert torch.equal(v_cache, v_ref), ctx
+        pos += ex.long()
+
+
+def test_dispatcher(monkeypatch):
+    B, H, C, D = 2, 2, 8, 32
+    args = [torch.randn(B, H, D, device=DEVICE) for _ in range(3)]
+    caches = [torch.randn(B, H, C, D, device=DEVICE) for _ in range(2)]
+    pos = torch.tensor([3, 9], device=DEVICE)
+    ex = torch.tensor([True, True], device=DEVICE)
+
+    def call():
+        return da.decode_attention(*args, *(c.clone() for c in caches), pos, ex)
+
+    ref = decode_attention_ref(*args, *(c.clone() for c in caches), pos, ex)
+    monkeypatch.setenv("AGENT_KERNELS", "torch")
+    assert torch.equal(call(), ref)
+    monkeypatch.setenv("AGENT_KERNELS", "triton")  # on CPU tensors: the interpreter
+    assert torch.allclose(call(), ref, atol=1e-5, rtol=1e-5)
+
+    def no_triton(*a, **kw):
+        raise AssertionError("auto picked Triton for CPU tensors")
+
+    monkeypatch.setenv("AGENT_KERNELS", "auto")
+    if CUDA:
+        assert torch.allclose(call(), ref, atol=1e-5, rtol=1e-5)
+    else:
+        monkeypatch.setattr(da, "decode_attention_triton", no_triton)
+        assert torch.equal(call(), ref)
+    monkeypatch.setenv("AGENT_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="AGENT_KERNELS"):
+        call()
+
+
+def test_split_heuristic():
+    # H100 (132 SMs), temporal transformer: batch 1 splits its 3000 keys, batch 64 does not.
+    assert da.choose_num_splits(32, 3000, 132, 64) == 16
+    assert da.choose_num_splits(8 * 32, 3000, 132, 64) == 2
+    assert da.choose_num_splits(64 * 32, 3000, 132, 64) == 1
+    # Never more splits than tiles in the window, nor than MAX_SPLITS.
+    assert da.choose_num_splits(1, 8, 132, 16) == 1
+    assert da.choose_num_splits(1, 250, 132, 64) == 4
+    assert da.choose_num_splits(1, 10**6, 132, 64) == da.MAX_SPLITS
+    assert [da.default_block_n(c) for c in (1, 8, 37, 3000)] == [16, 16, 64, 64]
+
+
+@gpu_only
+def test_real_shapes_cuda():
+    # Temporal transformer (bf16, H=32, D=128, C=3000) at batch 1 and with wrap-around;
+    # depth transformer (H=16, D=64, C=8, no RoPE) at batch 64.
+    run_case(1, 32, 3000, 128, torch.bfloat16, positions=[1499])
+    run_case(3, 32, 3000, 128, torch.bfloat16, positions=[0, 2999, 123_456],
+             exec_mask=[True, False, True])
+    run_case(64, 16, 8, 64, torch.bfloat16, positions=list(range(64)), max_period=None)
+
+
+@gpu_only
+def test_int64_offsets_cuda():
+    # Row 1 of the cache starts beyond 2**31 elements: 32-bit offset arithmetic would wrap.
+    B, H, C, D = 2, 2, 64, 128
+    row = 2**31 + 4096
+    k_buf = torch.empty(row + H * C * D, device="cuda", dtype=torch.float16)
+    v_buf = torch.empty_like(k_buf)
+    views = [b.as_strided((B, H, C, D), (row, C * D, D, 1)) for b in (k_buf, v_buf)]
+    run_case(B, H, C, D, torch.float16, positions=[10, 500], caches=tuple(views), num_splits=2)
+
+
+def test_bench_pure_python(capsys):
+    from kernels import bench_attention as ba
+
+    # bf16, B=1, H=32, D=128, full window: 2 * 3000 keys/values + q + out, 256 bytes per row each.
+    assert ba.attention_bytes(1, 32, 3000, 128, 2) == (2 * 3000 + 2) * 32 * 128 * 2
+    row = {"batch": 1, "context": 3000, "num_splits": 16, "triton_us": 20.0, "triton_gbps": 2458.0,
+           "triton_frac_of_copy": 0.82, "sdpa_prefix_us": 40.0, "sdpa_masked_us": 55.0,
+           "speedup_vs_sdpa_prefix": 2.0, "speedup_vs_sdpa_masked": 2.75}
+    table = ba.format_table([row])
+    assert "82.0%" in table and len(table.splitlines()) == 3
+    if not CUDA:
+        assert ba.main(["--batches", "1", "--contexts", "250"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
