@@ -234,7 +234,7 @@ class Agent:
             loop = None
         with self._lock:
             try:
-                slot = self._driver.call(lambda: self.engine.open(sampling))
+                slot = self.engine.open(sampling)
             except EngineFull as e:
                 raise AgentFull(str(e)) from None
             conv = Conversation(self, slot, loop, self._max_backlog, self._max_output)
@@ -245,7 +245,7 @@ class Agent:
         with self._lock:
             if self._conversations.get(conv.slot) is conv:
                 del self._conversations[conv.slot]
-                self._driver.call(lambda: self.engine.close(conv.slot))
+                self.engine.close(conv.slot)
 
     def conversations(self) -> list[Conversation]:
         with self._lock:

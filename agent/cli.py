@@ -29,12 +29,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("file", help="offline conversation: the agent answers a recording")
+    f.set_defaults(func=_cmd_file)
     f.add_argument("input", help="input audio (WAV or anything libsndfile reads; any rate/channels)")
     f.add_argument("output", help="output WAV: the agent's voice, 24 kHz mono")
     f.add_argument("--transcript", help="write the agent's transcript as JSON here")
     _add_checkpoint_args(f)
     _add_sampling_args(f)
+    # Other commands live beside what they run; each module adds its own subparser and sets
+    # `func`, and must import heavy dependencies only inside that function.
+    import importlib
+    for module in COMMAND_MODULES:
+        try:
+            importlib.import_module(module).register(sub, _add_checkpoint_args, _add_sampling_args)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
     return parser
+
+
+COMMAND_MODULES = ["streams.server", "streams.local", "agent.bench"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,14 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     from checkpoints.loader import CheckpointError
     from streams.audio_file import AudioInputError
     try:
-        if args.command == "file":
-            return _cmd_file(args)
+        return args.func(args)
     except (CheckpointError, AudioInputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 1
 
 
 def _sampling(args, bundle):

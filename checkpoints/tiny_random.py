@@ -145,8 +145,8 @@ def _mimi_state_cached(seed: int) -> dict[str, torch.Tensor]:
         model = get_mimi(None, tiny_mimi_config(), device="cpu", num_codebooks=8)
         gen = torch.Generator().manual_seed(seed)
         _init_convs(model, gen)
-        for tr in (model.encoder_transformer, model.decoder_transformer):
-            for name, param in tr.named_parameters():
+        for transformer in (model.encoder_transformer, model.decoder_transformer):
+            for name, param in transformer.named_parameters():
                 if name.endswith("layer_scale_1.scale") or name.endswith("layer_scale_2.scale"):
                     param.fill_(_TRANSFORMER_LAYER_SCALE)
         clip = int(_CALIB_SECONDS * SAMPLE_RATE)
