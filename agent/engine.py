@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -56,6 +57,9 @@ class Engine:
         self._pcm_in = torch.zeros(max_sessions, 1, FRAME_SIZE, device=self.device)
         self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
         self._no_text = {self.cfg.text_pad_id, self.cfg.text_epad_id}
+        # Benchmarks set `profile` to time the stages (it synchronises the device between them).
+        self.profile = False
+        self.last_timings: dict[str, float] = {}
 
     # -- slot table ------------------------------------------------------------------------------
     @property
@@ -110,9 +114,12 @@ class Engine:
             self._pcm_in[row, 0] = torch.as_tensor(pcm, dtype=torch.float32)
         exec_mask = exec_mask.to(self.device)
 
+        t0 = self._mark()
         self.mimi.set_exec_mask(exec_mask)
         codes = self.mimi.encode(self._pcm_in)[:, :, 0]  # [B, 8]
+        t1 = self._mark()
         out = self.lm.step(codes, exec_mask).tokens  # [B, 9]
+        t2 = self._mark()
         ready = exec_mask & (out[:, 0] >= 0)
         pcm_out = None
         if bool(ready.any()):
@@ -121,6 +128,10 @@ class Engine:
             pcm_out = self.mimi.decode(agent_codes.unsqueeze(-1))[:, 0].float().cpu().numpy()
         out = out.cpu()
         ready = ready.cpu()
+        if self.profile:
+            t3 = self._mark()
+            self.last_timings = {"encode": (t1 - t0) * 1e3, "lm": (t2 - t1) * 1e3,
+                                 "decode": (t3 - t2) * 1e3}
 
         results = {}
         for row, slot in slots.items():
@@ -130,6 +141,11 @@ class Engine:
                 text_id=text_id, text=self.piece(text_id), step=slot.steps)
             slot.steps += 1
         return results
+
+    def _mark(self) -> float:
+        if self.profile and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def piece(self, text_id: int) -> str | None:
         if text_id < 0 or text_id in self._no_text:
