@@ -123,13 +123,12 @@ class Conversation:
     async def send(self, pcm: np.ndarray, rate: int = SAMPLE_RATE) -> None:
         """Like `push`, but waits for room in the backlog instead of dropping: for sources faster
         than real time (files) that must not lose audio."""
-        while True:
-            with self._lock:
-                room = self._max_backlog - len(self._frames)
-            if room > 0 or self.closed:
-                break
-            await asyncio.sleep(0.005)
-        self.push(pcm, rate)
+        pcm = _validate_pcm(pcm, rate)
+        chunk = max(1, FRAME_SIZE * rate // SAMPLE_RATE)  # about one frame at the input rate
+        for i in range(0, len(pcm), chunk):
+            while self.backlog >= self._max_backlog and not self.closed:
+                await asyncio.sleep(0.005)
+            self.push(pcm[i:i + chunk], rate)
 
     def _resample(self, pcm: np.ndarray, rate: int) -> np.ndarray:
         import soxr
@@ -175,12 +174,22 @@ class Conversation:
 
     # -- end -------------------------------------------------------------------------------------
     def close(self) -> None:
+        self._end(None)
+
+    def _end(self, error: str | None) -> None:
+        """Close, and tell the consumer why if it was an error. The state changes first so that
+        whoever reads the final events sees a closed conversation."""
         if self.closed:
             return
         self.closed = True
+        self.error = error
         self.agent._release(self)
+        final = ([ErrorOut(error)] if error else []) + [None]
         if self._events is not None and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._deliver, None)
+            try:
+                self._loop.call_soon_threadsafe(lambda: [self._deliver(e) for e in final])
+            except RuntimeError:  # the loop closed in between
+                pass
 
 
 def _validate_pcm(pcm, rate) -> np.ndarray:

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 
-from agent.api import AudioOut, ErrorOut, TextOut
+from agent.api import AudioOut, TextOut
 from agent.config import FRAME_RATE
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,4 @@ class EngineDriver(threading.Thread):
             pass
 
     def _fail(self, conv, message: str) -> None:
-        conv.error = message
-        self._deliver(conv, [ErrorOut(message)])
-        conv.close()
+        conv._end(message)

@@ -1,0 +1,182 @@
+"""Moshi's websocket protocol on `GET /api/chat`: one conversation per connection.
+
+The wire format is the one of kyutai-labs/moshi's server and web client. Every message is binary;
+its first byte is the kind:
+
+    0x00 handshake  server -> client, exactly b"\\x00", once the conversation is open
+    0x01 audio      both ways, Ogg/Opus pages, 24 kHz mono
+    0x02 text       server -> client, one UTF-8 piece of the agent's inner monologue
+    0x05 error      server -> client, UTF-8 message; the server then closes the socket
+
+Other kinds (control 0x03, ping 0x06, anything unknown) and text frames are ignored and counted.
+A full server or a bad query parameter gets a 0x05 error instead of the handshake.
+
+Sampling comes from the URL query the moshi web client sends: `text_temperature`, `text_topk`,
+`audio_temperature`, `audio_topk`, and `audio_seed` (else `text_seed`), since the engine keeps
+one random stream per conversation. Other parameters are ignored.
+
+Opus decoding and encoding run on the event loop (about 0.2 ms per 80 ms frame); all model work
+stays on the engine thread. Output frames are sent as soon as they are produced, unpaced.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import weakref
+from contextlib import suppress
+from dataclasses import dataclass, replace
+
+import sphn
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from agent.api import AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut
+from agent.config import SAMPLE_RATE, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+KIND_HANDSHAKE = b"\x00"
+KIND_AUDIO = b"\x01"
+KIND_TEXT = b"\x02"
+KIND_ERROR = b"\x05"
+
+MAX_MESSAGE_BYTES = 1 << 20  # a browser sends ~40 ms of Opus (a few hundred bytes) per message
+HEARTBEAT_S = 20.0  # ping the client; a peer that stops answering is dropped and its slot freed
+
+
+@dataclass
+class ChatCounters:
+    """Server-wide counts since start, reported by /api/stats."""
+    connections: int = 0
+    refused_full: int = 0
+    bad_requests: int = 0  # invalid query parameters
+    bad_audio: int = 0  # 0x01 payloads that are not Ogg/Opus
+    ignored_messages: int = 0  # text frames, empty messages, kinds other than 0x01
+    engine_errors: int = 0
+
+
+def sampling_from_query(query, defaults: SamplingConfig) -> SamplingConfig:
+    """The moshi web client's query parameters on top of the checkpoint's defaults.
+    Raises ValueError with a message for the client."""
+    changes = {}
+    for name, field, parse, low, high in (
+            ("text_temperature", "temp_text", float, 0.0, 10.0),
+            ("audio_temperature", "temp_audio", float, 0.0, 10.0),
+            ("text_topk", "top_k_text", int, 0, 1_000_000),
+            ("audio_topk", "top_k_audio", int, 0, 1_000_000),
+            ("text_seed", "seed", int, 0, 2**63 - 1),
+            ("audio_seed", "seed", int, 0, 2**63 - 1)):  # after text_seed: audio_seed wins
+        raw = query.get(name)
+        if raw is None:
+            continue
+        try:
+            value = parse(raw)
+        except ValueError:
+            kind = "an integer" if parse is int else "a number"
+            raise ValueError(f"query parameter {name}={raw!r} is not {kind}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ValueError(f"query parameter {name}={raw!r} must be between {low} and {high}")
+        changes[field] = value
+    return replace(defaults, **changes)
+
+
+class MoshiChat:
+    """The `/api/chat` handler of one server, with its counters and open sockets."""
+
+    def __init__(self, agent):
+        self.agent = agent
+        self.counters = ChatCounters()
+        self._sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+
+    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        # autoclose=False: on the client's close we free the conversation slot first and only then
+        # answer the close, so a client that reconnects right away finds its slot free.
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, autoclose=False,
+                                   heartbeat=HEARTBEAT_S)
+        await ws.prepare(request)
+        self.counters.connections += 1
+        try:
+            sampling = sampling_from_query(request.query, self.agent.sampling_defaults)
+        except ValueError as e:
+            self.counters.bad_requests += 1
+            return await _fail(ws, str(e))
+        try:
+            conv = self.agent.open(sampling)
+        except AgentFull:
+            self.counters.refused_full += 1
+            return await _fail(ws, f"server full: all {self.agent.max_conversations} conversations "
+                                   "are in use, try again later")
+        self._sockets.add(ws)
+        log.info("conversation %s opened (websocket %s)", conv.id, request.remote)
+        sender, error = None, None
+        try:
+            await ws.send_bytes(KIND_HANDSHAKE)
+            sender = asyncio.create_task(self._send(ws, conv))
+            error = await self._receive(ws, conv)
+        except ConnectionError:
+            pass  # the client went away
+        finally:
+            conv.close()
+            if sender is not None:
+                sender.cancel()
+                await asyncio.wait([sender])
+            log.info("conversation %s closed", conv.id)
+        if error:
+            return await _fail(ws, error)
+        await ws.close()
+        return ws
+
+    async def _receive(self, ws: web.WebSocketResponse, conv) -> str | None:
+        """Feed the client's audio to the conversation until the socket closes. Returns the error
+        to send when the client breaks the protocol."""
+        reader = sphn.OpusStreamReader(SAMPLE_RATE)
+        async for msg in ws:
+            if msg.type == WSMsgType.ERROR:  # e.g. message over MAX_MESSAGE_BYTES: aiohttp closed it
+                break
+            data = msg.data
+            if msg.type != WSMsgType.BINARY or not data or data[:1] != KIND_AUDIO:
+                self.counters.ignored_messages += 1
+                continue
+            try:
+                pcm = reader.append_bytes(data[1:])
+            except ValueError as e:
+                self.counters.bad_audio += 1
+                return f"invalid audio message: expected Ogg/Opus pages, 24 kHz mono ({e})"
+            if len(pcm):
+                try:
+                    conv.push(pcm, SAMPLE_RATE)
+                except ConversationClosed:  # the engine ended it; _send reports why
+                    break
+        return None
+
+    async def _send(self, ws: web.WebSocketResponse, conv) -> None:
+        """Forward the agent's audio and text as they come; close the socket when the conversation
+        ends on the engine's side."""
+        writer = sphn.OpusStreamWriter(SAMPLE_RATE)
+        try:
+            async for event in conv.events():
+                if isinstance(event, AudioOut):
+                    pages = writer.append_pcm(event.pcm)
+                    if pages:
+                        await ws.send_bytes(KIND_AUDIO + pages)
+                elif isinstance(event, TextOut):
+                    await ws.send_bytes(KIND_TEXT + event.text.encode())
+                elif isinstance(event, ErrorOut):
+                    self.counters.engine_errors += 1
+                    await ws.send_bytes(KIND_ERROR + event.message.encode())
+            await ws.close()
+        except ConnectionError:
+            pass  # the client went away; the receiving side sees the close
+
+    async def close_all(self) -> None:
+        """Close every open socket (server shutdown); their handlers then free their slots."""
+        await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+                               for ws in list(self._sockets)), return_exceptions=True)
+
+
+async def _fail(ws: web.WebSocketResponse, message: str) -> web.WebSocketResponse:
+    log.info("websocket error: %s", message)
+    with suppress(ConnectionError):
+        await ws.send_bytes(KIND_ERROR + message.encode())
+    await ws.close()
+    return ws

@@ -1,0 +1,27 @@
+"""`run_agent.py bench` runs on CPU with the tiny config and both implementations."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_cpu_tiny(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "run_agent.py"), "bench", "--device", "cpu",
+                        "--sessions", "1,2", "--steps", "2", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env=dict(os.environ, NO_TORCH_COMPILE="1"))
+    assert r.returncode == 0, r.stderr
+    [result] = tmp_path.glob("bench-*.json")
+    data = json.loads(result.read_text())
+    assert data["meta"]["model"] == "tiny" and data["meta"]["device"] == "cpu"
+    points = {(row["impl"], row["sessions"], row["context"]) for row in data["rows"]}
+    assert points == {(impl, n, ctx) for impl in ("ours", "moshi") for n in (1, 2)
+                      for ctx in ("empty", "full")}
+    for row in data["rows"]:
+        assert 0 < row["tick_p50_ms"] <= row["tick_p99_ms"]
+        assert row["encode_p50_ms"] > 0 and row["lm_p50_ms"] > 0 and row["decode_p50_ms"] > 0
+    assert result.with_suffix(".png").stat().st_size > 10_000
+    assert "ours" in r.stdout and "moshi" in r.stdout
