@@ -130,6 +130,20 @@ class Conversation:
                 await asyncio.sleep(0.005)
             self.push(pcm[i:i + chunk], rate)
 
+    def flush(self) -> None:
+        """End of input: queue the resamplers' tails and the last partial frame, zero-padded, so
+        the agent answers every sample that was pushed."""
+        tails = [stream.resample_chunk(np.zeros(0, np.float32), last=True)
+                 for stream in self._resamplers.values()]
+        self._resamplers.clear()
+        with self._lock:
+            rest = np.concatenate([self._partial, *tails]) if tails else self._partial
+            self._partial = np.zeros(0, dtype=np.float32)
+        if len(rest):
+            padded = np.zeros(-(-len(rest) // FRAME_SIZE) * FRAME_SIZE, dtype=np.float32)
+            padded[:len(rest)] = rest
+            self.push(padded)
+
     def _resample(self, pcm: np.ndarray, rate: int) -> np.ndarray:
         import soxr
         stream = self._resamplers.get(rate)

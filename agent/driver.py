@@ -29,6 +29,9 @@ class EngineDriver(threading.Thread):
         self.failed_ticks = 0
         self.tick_ms: deque[float] = deque(maxlen=2000)
         self.batch_sizes: deque[int] = deque(maxlen=2000)
+        # Called on this thread after each tick (metrics):
+        # f(tick_ms, batch size, open conversations that had no frame, per-frame latencies in ms).
+        self.tick_listeners: list = []
 
     def wake(self) -> None:
         self._wake.set()
@@ -71,20 +74,28 @@ class EngineDriver(threading.Thread):
             for conv, _ in taken.values():
                 self._fail(conv, f"internal error while generating: {type(e).__name__}")
             return True
-        self.tick_ms.append((time.perf_counter() - t0) * 1000)
+        tick_ms = (time.perf_counter() - t0) * 1000
+        self.tick_ms.append(tick_ms)
         self.batch_sizes.append(len(frames))
         self.ticks += 1
         done = time.monotonic()
+        latencies = []
         for row, out in results.items():
             conv, t_in = taken[row]
             conv.stats.frames_out += 1
-            conv.stats.frame_latency_ms.append((done - t_in) * 1000)
+            latencies.append((done - t_in) * 1000)
+            conv.stats.frame_latency_ms.append(latencies[-1])
             events = [AudioOut(out.pcm, out.step, t_in)]
             if out.text is not None:
                 conv.stats.text_pieces += 1
                 events.append(TextOut(out.text, out.step, out.step / FRAME_RATE,
                                       (out.step + 1) / FRAME_RATE))
             self._deliver(conv, events)
+        for listener in tuple(self.tick_listeners):
+            try:
+                listener(tick_ms, len(frames), len(conversations) - len(frames), latencies)
+            except Exception:  # observers must not stop the engine
+                log.exception("tick listener failed")
         return True
 
     def _deliver(self, conv, events) -> None:

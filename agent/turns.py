@@ -1,0 +1,213 @@
+"""Turn-taking metrics for one conversation: who speaks when, how fast the agent answers, and how
+fast it yields when interrupted.
+
+Both sides are fed as they are heard (`add_user`, `add_agent`: mono float32 with the conversation
+time of their first sample). Each side goes through webrtcvad (aggressiveness 3, 30 ms frames at
+16 kHz) and a small segmenter:
+
+* a frame counts as speech only if webrtcvad says so and it is not near-silent;
+* pauses shorter than `merge_gap_s` stay inside a segment (words of one utterance);
+* segments shorter than `min_speech_s` are dropped (clicks, breaths);
+* webrtcvad keeps marking frames as speech for up to ~300 ms after speech stops (its built-in
+  hangover), so each segment's tail is trimmed back to its last frame within `edge_db` of the
+  segment's loudest frame; and it misses unvoiced onsets ("s", "t"), so the start is extended
+  back over up to 150 ms of just-preceding frames that are that loud.
+
+From the segments:
+
+* response latency: a user segment ends, and the agent starts within `max_response_s` (before the
+  user speaks again); latency = agent start - user end;
+* barge-in: the user starts while the agent speaks; reaction = agent end - user start, and the
+  agent "yielded" if that is within `max_reaction_s`;
+* agent interruption: the agent starts while the user speaks;
+* overlap: total time both speak.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import soxr
+import webrtcvad
+
+VAD_RATE = 16_000
+FRAME_S = 0.030
+FRAME = int(VAD_RATE * FRAME_S)  # 480 samples
+SILENCE_DBFS = -55.0  # frames quieter than this are never speech (digital or near silence)
+PREROLL_FRAMES = 5  # how far back a segment's start may be extended (150 ms)
+
+
+class _Track:
+    """One side of the conversation: resampling, VAD frames and the segments they make."""
+
+    def __init__(self, rate: int, merge_gap_s: float, min_speech_s: float, edge_db: float,
+                 resync_s: float = 0.2):
+        self.rate = rate
+        self.merge_gap_s, self.min_speech_s, self.edge_db = merge_gap_s, min_speech_s, edge_db
+        self.resync_s = resync_s
+        self._vad = webrtcvad.Vad(3)
+        self._resampler = None if rate == VAD_RATE else soxr.ResampleStream(
+            rate, VAD_RATE, 1, dtype="float32", quality="HQ")
+        self._pending = np.zeros(0, dtype=np.float32)  # 16 kHz samples not yet in a frame
+        self._t_next: float | None = None  # conversation time of the next 16 kHz sample
+        self.closed: list[tuple[float, float]] = []
+        self._open: list[tuple[float, float]] = []  # (frame start, frame dB) of the open segment
+        self._preroll: list[tuple[float, float]] = []  # non-speech frames just before it
+        self._recent: deque[tuple[float, float]] = deque(maxlen=PREROLL_FRAMES)
+        self._last_speech_end = 0.0
+        self.t_end = 0.0  # time up to which audio has been analysed
+
+    def add(self, pcm: np.ndarray, t: float) -> None:
+        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        if self._t_next is None or abs(t - self._expected_start()) > self.resync_s:
+            # First audio, or a gap/jump in the timeline (lost audio): restart the frame clock.
+            self._pending = np.zeros(0, dtype=np.float32)
+            self._t_next = t
+        x = self._resampler.resample_chunk(pcm) if self._resampler else pcm
+        buf = np.concatenate([self._pending, x])
+        n = len(buf) // FRAME
+        for i in range(n):
+            self._frame(buf[i * FRAME:(i + 1) * FRAME], self._t_next)
+            self._t_next += FRAME_S
+        self._pending = buf[n * FRAME:]
+
+    def _expected_start(self) -> float:
+        """Where the next input chunk should start if it follows the last one without a gap."""
+        return self._t_next + len(self._pending) / VAD_RATE
+
+    def _frame(self, frame: np.ndarray, t: float) -> None:
+        db = 10 * np.log10(float(np.mean(frame.astype(np.float64) ** 2)) + 1e-12)
+        pcm16 = (np.clip(frame, -1.0, 1.0) * 32767).astype(np.int16).tobytes()
+        speech = db > SILENCE_DBFS and self._vad.is_speech(pcm16, VAD_RATE)
+        self.t_end = t + FRAME_S
+        if self._open and t - self._last_speech_end >= self.merge_gap_s:
+            self._close()
+        if speech:
+            if not self._open:
+                self._preroll = list(self._recent)
+            self._open.append((t, db))
+            self._last_speech_end = t + FRAME_S
+            self._recent.clear()
+        else:
+            self._recent.append((t, db))
+
+    def _close(self) -> None:
+        seg = self._finished()
+        if seg is not None:
+            self.closed.append(seg)
+        self._open = []
+
+    def _finished(self) -> tuple[float, float] | None:
+        """(start, end) of the open segment with its edges refined; None if too short."""
+        frames = self._open
+        floor = max(db for _, db in frames) - self.edge_db
+        last = max(i for i, (_, db) in enumerate(frames) if db >= floor)
+        start, end = frames[0][0], frames[last][0] + FRAME_S
+        for t, db in reversed(self._preroll):  # contiguous loud frames just before the start
+            if db < floor or abs(t + FRAME_S - start) > 1e-6:
+                break
+            start = t
+        return (round(start, 3), round(end, 3)) if end - start >= self.min_speech_s else None
+
+    def segments(self) -> list[tuple[float, float]]:
+        """Closed segments, plus the open one as if it ended now."""
+        seg = self._finished() if self._open else None
+        return self.closed + ([seg] if seg else [])
+
+
+class TurnTaking:
+    """Turn-taking metrics from the user's and the agent's audio (see the module docstring)."""
+
+    def __init__(self, rate: int = 24_000, merge_gap_s: float = 0.3, min_speech_s: float = 0.12,
+                 edge_db: float = 30.0, max_response_s: float = 3.0, max_reaction_s: float = 2.0):
+        self.rate = rate
+        self.max_response_s, self.max_reaction_s = max_response_s, max_reaction_s
+        self._track_args = (merge_gap_s, min_speech_s, edge_db)
+        self.user: _Track | None = None
+        self.agent: _Track | None = None
+
+    def add_user(self, pcm: np.ndarray, t: float, rate: int | None = None) -> None:
+        """The user's audio as heard (mic, after echo cancellation); `t` = time of pcm[0] in s."""
+        if self.user is None:
+            self.user = _Track(rate or self.rate, *self._track_args)
+        self.user.add(pcm, t)
+
+    def add_agent(self, pcm: np.ndarray, t: float, rate: int | None = None) -> None:
+        """The agent's audio as played; `t` = time of pcm[0] in seconds."""
+        if self.agent is None:
+            self.agent = _Track(rate or self.rate, *self._track_args)
+        self.agent.add(pcm, t)
+
+    def segments(self) -> dict[str, list[tuple[float, float]]]:
+        return {"user": self.user.segments() if self.user else [],
+                "agent": self.agent.segments() if self.agent else []}
+
+    def response_latencies(self) -> list[float]:
+        segs = self.segments()
+        user, agent = segs["user"], segs["agent"]
+        out = []
+        for i, (_, u_end) in enumerate(user):
+            next_user = user[i + 1][0] if i + 1 < len(user) else float("inf")
+            if _speaking(agent, u_end):
+                continue  # the agent was already talking: overlap, not an answer
+            starts = [a0 for a0, _ in agent if u_end <= a0 <= u_end + self.max_response_s
+                      and a0 < next_user]
+            if starts:
+                out.append(min(starts) - u_end)
+        return out
+
+    def barge_ins(self) -> list[dict]:
+        """Each user start during agent speech: {"t", "reaction" (s until the agent stopped),
+        "yielded"}."""
+        segs = self.segments()
+        out = []
+        for u0, _ in segs["user"]:
+            for a0, a1 in segs["agent"]:
+                if a0 < u0 < a1:
+                    reaction = a1 - u0
+                    out.append({"t": round(u0, 3), "reaction": round(reaction, 3),
+                                "yielded": reaction <= self.max_reaction_s})
+        return out
+
+    def agent_interruptions(self) -> int:
+        """How often the agent started while the user was speaking."""
+        segs = self.segments()
+        return sum(_speaking(segs["user"], a0, strict=True) for a0, _ in segs["agent"])
+
+    def overlap_s(self) -> float:
+        segs = self.segments()
+        return sum(max(0.0, min(u1, a1) - max(u0, a0))
+                   for u0, u1 in segs["user"] for a0, a1 in segs["agent"])
+
+    def summary(self) -> dict:
+        segs = self.segments()
+        lat = self.response_latencies()
+        barge = self.barge_ins()
+        reactions = [b["reaction"] for b in barge if b["yielded"]]
+        return {
+            "user_segments": len(segs["user"]),
+            "agent_segments": len(segs["agent"]),
+            "user_speech_s": round(sum(e - s for s, e in segs["user"]), 3),
+            "agent_speech_s": round(sum(e - s for s, e in segs["agent"]), 3),
+            "responses": len(lat),
+            "response_latency_p50_s": _p50(lat),
+            "response_latency_mean_s": _mean(lat),
+            "barge_ins": len(barge),
+            "barge_ins_yielded": len(reactions),
+            "barge_in_reaction_p50_s": _p50(reactions),
+            "barge_in_reaction_mean_s": _mean(reactions),
+            "agent_interruptions": self.agent_interruptions(),
+            "overlap_s": round(self.overlap_s(), 3),
+        }
+
+
+def _speaking(segs: list[tuple[float, float]], t: float, strict: bool = False) -> bool:
+    return any((s < t < e) if strict else (s <= t < e) for s, e in segs)
+
+
+def _p50(xs: list[float]) -> float | None:
+    return round(float(np.median(xs)), 3) if xs else None
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(float(np.mean(xs)), 3) if xs else None

@@ -1,0 +1,288 @@
+"""Who may open a conversation, and for how long: the server's admission rules and limits.
+
+- `Policy`: the `serve` flags (auth token, allowed origins, size limits, conversations per client
+  address, idle timeout, maximum conversation length).
+- `guard_middleware`: HTTP-level checks in front of the routes. Every refusal is JSON and counted
+  in the metrics by reason:
+      401 no or wrong token (on /offer, /api/chat, /api/stats, /metrics, when a token is set)
+      403 Origin not allowed (on /offer and /api/chat, when origins are given)
+      413 /offer body over the size limit
+      429 too many conversations from this client address (/offer; the websocket answers 0x05)
+  The same middleware attributes each WebRTC conversation to its client, so streams/webrtc.py
+  needs no knowledge of these rules.
+- `ConversationTracker`: every open conversation of the agent, whichever transport opened it. A
+  periodic sweep ends conversations that went idle or reached the maximum length (the client gets
+  the reason: a 0x05 message on the websocket, an error on the WebRTC data channel), adds their
+  dropped frames to the metrics, and logs one line per conversation when it ends.
+- `tls_context`, `RedactingAccessLogger`: HTTPS/WSS, and access logs without `?token=` values.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import ssl
+import time
+import weakref
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 20  # websocket; a browser sends a few hundred bytes per message
+DEFAULT_MAX_OFFER_BYTES = 64 << 10  # a browser's audio offer is 2-10 kB
+DEFAULT_IDLE_TIMEOUT_S = 60.0
+DEFAULT_MAX_CONVERSATION_S = 3600.0
+
+TOKEN_PATHS = frozenset({"/offer", "/api/chat", "/api/stats", "/metrics"})
+ORIGIN_PATHS = frozenset({"/offer", "/api/chat"})  # what a hostile web page could drive
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The server's limits. None (or an empty set) switches a rule off."""
+    auth_token: str | None = None
+    allowed_origins: frozenset[str] = frozenset()
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_offer_bytes: int = DEFAULT_MAX_OFFER_BYTES
+    max_per_client: int | None = None
+    idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S
+    max_conversation_s: float | None = DEFAULT_MAX_CONVERSATION_S
+
+    def __post_init__(self):
+        object.__setattr__(self, "allowed_origins",
+                           frozenset(_normalize_origin(o) for o in self.allowed_origins))
+
+    @property
+    def sweep_interval_s(self) -> float:
+        """How often the tracker checks the time limits: a tenth of the shortest, within [50 ms, 1 s]."""
+        limits = [s for s in (self.idle_timeout_s, self.max_conversation_s) if s]
+        return min(1.0, max(0.05, min(limits, default=10.0) / 10))
+
+
+def _normalize_origin(origin: str) -> str:
+    return origin.strip().rstrip("/").lower()
+
+
+def token_matches(request: web.Request, token: str) -> bool:
+    """`Authorization: Bearer TOKEN`, or `?token=TOKEN` for clients that cannot set headers
+    (browsers' WebSocket, the moshi web client). Constant-time comparison."""
+    header = request.headers.get("Authorization", "")
+    given = header[7:].strip() if header[:7].lower() == "bearer " else request.query.get("token", "")
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+def origin_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
+    """An empty `allowed` accepts any origin. Requests without an Origin header come from programs,
+    not from web pages, and are accepted; the page's own origin (same scheme and host) always is."""
+    origin = request.headers.get("Origin")
+    if not allowed or origin is None:
+        return True
+    origin = _normalize_origin(origin)
+    return origin in allowed or origin == f"{request.scheme}://{request.host}".lower()
+
+
+def refusal(status: int, message: str, **extra) -> web.Response:
+    """The JSON shape of every refusal, as server.refuse_full and streams/webrtc.py answer."""
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return web.json_response({"error": message, **extra}, status=status, headers=headers)
+
+
+def guard_middleware(policy: Policy, tracker: "ConversationTracker", metrics):
+    """The aiohttp middleware that applies `policy` to incoming requests (see the module docstring)."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler):
+        path = request.path
+        if policy.auth_token and path in TOKEN_PATHS and not token_matches(request, policy.auth_token):
+            metrics.refused("auth")
+            return refusal(401, "missing or wrong token: send 'Authorization: Bearer TOKEN' "
+                                "or add ?token=TOKEN to the URL")
+        if path in ORIGIN_PATHS and not origin_allowed(request, policy.allowed_origins):
+            metrics.refused("origin")
+            return refusal(403, f"origin {request.headers.get('Origin')!r} is not allowed")
+        if path == "/offer" and request.method == "POST":
+            return await _guard_offer(request, handler)
+        return await handler(request)
+
+    async def _guard_offer(request: web.Request, handler) -> web.StreamResponse:
+        too_big = refusal(413, f"the offer is larger than {policy.max_offer_bytes} bytes",
+                          limit=policy.max_offer_bytes)
+        if (request.content_length or 0) > policy.max_offer_bytes:
+            metrics.refused("size")
+            return too_big
+        client = request.remote or "unknown"
+        limit = policy.max_per_client
+        if limit and tracker.count(client) >= limit:
+            metrics.refused("per_client")
+            return refusal(429, f"too many conversations from {client}: at most {limit} per client",
+                           limit=limit)
+        with tracker.reserve(client):  # the offer's conversation counts while it is negotiated
+            try:
+                response = await handler(request)
+            except web.HTTPRequestEntityTooLarge:  # a body without Content-Length, read past the limit
+                metrics.refused("size")
+                return too_big
+        if response.status == 400:
+            metrics.refused("bad_input")
+        elif response.status == 503:
+            metrics.refused("full")
+        elif response.status == 200 and isinstance(response, web.Response) and response.body:
+            # streams/webrtc.py names the conversation in its answer.
+            conv_id = json.loads(response.body).get("conversation")
+            tracker.claim_id(conv_id, client, "webrtc")
+        return response
+
+    return guard
+
+
+# -- open conversations --------------------------------------------------------------------------
+
+@dataclass
+class _Tracked:
+    conv: object
+    client: str | None
+    transport: str
+    opened: float  # time.monotonic()
+    last_active: float  # when its frames_in last grew
+    frames_in: int = 0
+    dropped_in: int = 0  # already added to the metrics
+    dropped_out: int = 0
+
+
+class ConversationTracker:
+    """Open conversations with their client and age: per-client counts, time limits, drop
+    accounting and end-of-conversation logs. Used from the event loop only."""
+
+    def __init__(self, agent, policy: Policy, metrics):
+        self.agent, self.policy, self.metrics = agent, policy, metrics
+        self._tracked: dict[str, _Tracked] = {}  # by conversation id
+        self._reserved: Counter[str] = Counter()  # offers being negotiated, by client
+        # Conversations this tracker ended ("idle", "max_length"), for as long as they exist.
+        self._ended: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    # -- attribution -----------------------------------------------------------------------------
+    def count(self, client: str) -> int:
+        """Open conversations of this client address, plus its offers in negotiation."""
+        live = sum(1 for t in self._tracked.values() if t.client == client and not t.conv.closed)
+        return live + self._reserved[client]
+
+    @contextmanager
+    def reserve(self, client: str):
+        self._reserved[client] += 1
+        try:
+            yield
+        finally:
+            self._reserved[client] -= 1
+            if not self._reserved[client]:
+                del self._reserved[client]
+
+    def claim(self, conv, client: str | None, transport: str) -> None:
+        """Record who opened `conv`; call right after `agent.open()`."""
+        entry = self._track(conv)
+        entry.client, entry.transport = client, transport
+        log.info("conversation %s opened: %s from %s (%d/%d active)", conv.id, transport, client,
+                 self.agent.active, self.agent.max_conversations)
+
+    def claim_id(self, conv_id: str | None, client: str, transport: str) -> None:
+        for conv in self.agent.conversations():
+            if conv.id == conv_id:
+                self.claim(conv, client, transport)
+                return
+
+    def _track(self, conv) -> _Tracked:
+        entry = self._tracked.get(conv.id)
+        if entry is None:
+            now = time.monotonic()
+            entry = self._tracked[conv.id] = _Tracked(conv, None, "other", now, now,
+                                                      conv.stats.frames_in)
+            self.metrics.opened()
+        return entry
+
+    def ended_by_server(self, conv) -> str | None:
+        """"idle" or "max_length" if the tracker ended `conv`, else None."""
+        return self._ended.get(conv)
+
+    # -- the sweep -------------------------------------------------------------------------------
+    def sweep(self) -> None:
+        """Adopt conversations opened elsewhere, enforce the time limits, count drops, and retire
+        conversations that have ended."""
+        now = time.monotonic()
+        for conv in self.agent.conversations():
+            self._track(conv)
+        for entry in list(self._tracked.values()):
+            conv = entry.conv
+            if conv.closed:
+                self.finish(conv)
+                continue
+            self._account(entry)
+            if conv.stats.frames_in != entry.frames_in:
+                entry.frames_in, entry.last_active = conv.stats.frames_in, now
+            idle, age = self.policy.idle_timeout_s, self.policy.max_conversation_s
+            if idle and now - entry.last_active >= idle:
+                self._end(entry, "idle", f"closed after {idle:g} s without audio from the client")
+            elif age and now - entry.opened >= age:
+                self._end(entry, "max_length",
+                          f"the conversation reached the maximum length of {age:g} s")
+
+    def _end(self, entry: _Tracked, reason: str, message: str) -> None:
+        self._ended[entry.conv] = reason
+        # Conversation._end is how the engine driver reports errors too: the consumer gets an
+        # ErrorOut with the message (a 0x05 on the websocket), then the end of its events.
+        entry.conv._end(message)
+        self.finish(entry.conv)
+
+    def _account(self, entry: _Tracked) -> None:
+        stats = entry.conv.stats
+        self.metrics.dropped(stats.dropped_input_frames - entry.dropped_in,
+                             stats.dropped_output_frames - entry.dropped_out)
+        entry.dropped_in, entry.dropped_out = stats.dropped_input_frames, stats.dropped_output_frames
+
+    def finish(self, conv, reason: str | None = None) -> None:
+        """Retire a closed conversation: final drop counts, the `ended` metric, one log line.
+        `reason` is the transport's (e.g. "bad_input"); a limit the tracker enforced or an engine
+        error takes precedence. Safe to call more than once."""
+        entry = self._tracked.pop(conv.id, None)
+        if entry is None:
+            return
+        self._account(entry)
+        reason = self._ended.get(conv) or ("error" if conv.error else reason or "closed")
+        self.metrics.ended(reason)
+        stats = conv.stats
+        log.info("conversation %s closed (%s): %s from %s, %.1f s, %d frames in, %d out, "
+                 "dropped %d in / %d out", conv.id, reason, entry.transport, entry.client,
+                 time.monotonic() - entry.opened, stats.frames_in, stats.frames_out,
+                 stats.dropped_input_frames, stats.dropped_output_frames)
+
+
+# -- TLS and logs ----------------------------------------------------------------------------------
+
+def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server TLS context (TLS 1.2 or newer) from PEM files. Raises ValueError with a message."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"cannot use the TLS certificate {cert_file} with key {key_file}: {e}") from None
+    return context
+
+
+_TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&]*")
+
+
+class RedactingAccessLogger(AbstractAccessLogger):
+    """aiohttp's access log, with the value of `?token=` replaced by ***."""
+
+    def log(self, request, response, time: float) -> None:
+        self.logger.info('%s "%s %s" %d %.1f ms', request.remote, request.method,
+                         _TOKEN_IN_QUERY.sub("***", request.path_qs), response.status, time * 1000)
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)

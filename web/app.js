@@ -1,0 +1,280 @@
+// Browser client for the duplex agent: microphone -> WebRTC -> agent, agent voice -> <audio>,
+// transcript and server stats over the "events" data channel. Standard APIs only, no build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  toggle: $("toggle"), status: $("status"), error: $("error"), transcript: $("transcript"),
+  lampUser: $("lamp-user"), lampAgent: $("lamp-agent"), audio: $("remote"), details: $("details"),
+  total: $("m-total"), server: $("m-server"), rtt: $("m-rtt"), jitter: $("m-jitter"),
+};
+
+const LAMP_THRESHOLD = 0.02;   // RMS of [-1, 1] samples: about -34 dBFS
+const NEW_LINE_GAP_S = 1.5;    // a pause this long in the monologue starts a new paragraph
+const ICE_GATHER_TIMEOUT_MS = 3000;
+const STATS_INTERVAL_MS = 1000;
+
+class UserError extends Error {}
+
+function setStatus(state, text) {
+  ui.status.dataset.state = state;
+  ui.status.textContent = text;
+}
+
+function showError(message) {
+  ui.error.textContent = message;
+  ui.error.hidden = !message;
+}
+
+const ms = (seconds) => (seconds == null ? null : seconds * 1000);
+function fmt(value) {
+  if (value == null || Number.isNaN(value)) return "–";
+  return `${value < 10 ? value.toFixed(1) : Math.round(value)} ms`;  // loopback RTTs are sub-ms
+}
+
+// One conversation: peer connection, microphone, audio graph and timers.
+class Session {
+  constructor() {
+    this.pc = null;
+    this.mic = null;
+    this.channel = null;
+    this.audioCtx = null;
+    this.timers = [];
+    this.server = {};        // latest stats message from the server
+    this.browser = {};       // latest figures from getStats()
+    this.prevInbound = null;
+    this.paragraph = null;
+    this.lastEnd = -Infinity;
+    this.stopped = false;
+  }
+
+  async start() {
+    this.audioCtx = new AudioContext();  // created inside the click, so it may play
+    this.mic = await openMicrophone();
+    if (this.stopped) return;
+    this.watchLevel(this.mic, ui.lampUser);
+
+    const pc = (this.pc = new RTCPeerConnection({ iceServers: [] }));
+    for (const track of this.mic.getAudioTracks()) pc.addTrack(track, this.mic);
+    this.channel = pc.createDataChannel("events");
+    this.channel.onmessage = (e) => this.onMessage(JSON.parse(e.data));
+    this.channel.onclose = () => this.fail("The server ended the conversation.");
+    pc.ontrack = (e) => this.onRemoteTrack(e);
+    pc.onconnectionstatechange = () => this.onConnectionState();
+
+    await pc.setLocalDescription(await pc.createOffer());
+    await iceGatheringComplete(pc);
+    if (this.stopped) return;
+    const answer = await postOffer(pc.localDescription);
+    if (this.stopped) return;
+    await pc.setRemoteDescription(answer);
+    // getStats() may reject while the connection closes; the next poll simply tries again.
+    this.timers.push(setInterval(() => this.pollStats().catch(() => {}), STATS_INTERVAL_MS));
+  }
+
+  stop() {
+    this.stopped = true;
+    this.timers.forEach(clearInterval);
+    if (this.channel) this.channel.close();
+    if (this.pc) this.pc.close();
+    if (this.mic) this.mic.getTracks().forEach((t) => t.stop());
+    if (this.audioCtx) this.audioCtx.close().catch(() => {});
+    ui.audio.srcObject = null;
+    ui.lampUser.classList.remove("on");
+    ui.lampAgent.classList.remove("on");
+  }
+
+  onRemoteTrack(event) {
+    const stream = event.streams[0] || new MediaStream([event.track]);
+    ui.audio.srcObject = stream;
+    ui.audio.play().catch((e) => {
+      if (e.name === "NotAllowedError") this.fail("The browser blocked audio playback — click Start to try again.");
+    });
+    this.watchLevel(stream, ui.lampAgent);
+  }
+
+  onConnectionState() {
+    const state = this.pc.connectionState;
+    if (state === "connected") setStatus("live", "Live");
+    else if (state === "disconnected") setStatus("connecting", "Reconnecting…");
+    else if (state === "failed") this.fail("The connection to the server was lost.");
+  }
+
+  onMessage(msg) {
+    if (msg.type === "text") this.addText(msg);
+    else if (msg.type === "stats") { this.server = msg; this.render(); }
+    else if (msg.type === "error") this.fail(`The agent stopped: ${msg.message}`);
+  }
+
+  // Ends the page's session with a message, unless this session was already stopped or replaced.
+  fail(message) {
+    if (!this.stopped && session === this) fail(message);
+  }
+
+  addText({ text, start, end }) {
+    const box = ui.transcript;
+    const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 24;
+    if (!this.paragraph || start - this.lastEnd > NEW_LINE_GAP_S) {
+      this.paragraph = document.createElement("p");
+      box.append(this.paragraph);
+      text = text.trimStart();
+    }
+    this.paragraph.textContent += text;
+    this.lastEnd = end;
+    if (atBottom) box.scrollTop = box.scrollHeight;
+  }
+
+  // Lights `lamp` while the stream's level is above the threshold.
+  watchLevel(stream, lamp) {
+    const analyser = this.audioCtx.createAnalyser();
+    analyser.fftSize = 1024;
+    this.audioCtx.createMediaStreamSource(stream).connect(analyser);
+    const samples = new Float32Array(analyser.fftSize);
+    const tick = () => {
+      if (this.stopped) return;
+      analyser.getFloatTimeDomainData(samples);
+      let sum = 0;
+      for (const s of samples) sum += s * s;
+      lamp.classList.toggle("on", Math.sqrt(sum / samples.length) > LAMP_THRESHOLD);
+      requestAnimationFrame(tick);
+    };
+    tick();
+  }
+
+  async pollStats() {
+    if (!this.pc || this.pc.connectionState === "closed") return;
+    const report = await this.pc.getStats();
+    let inbound = null, pair = null, remoteInbound = null;
+    report.forEach((s) => {
+      if (s.type === "inbound-rtp" && s.kind === "audio") inbound = s;
+      else if (s.type === "remote-inbound-rtp" && s.kind === "audio") remoteInbound = s;
+      else if (s.type === "transport" && s.selectedCandidatePairId) pair = report.get(s.selectedCandidatePairId);
+      else if (s.type === "candidate-pair" && s.selected && !pair) pair = s;  // Firefox
+    });
+    const b = {};
+    b.rtt = ms(pair && pair.currentRoundTripTime != null ? pair.currentRoundTripTime
+      : remoteInbound && remoteInbound.roundTripTime);
+    if (inbound) {
+      b.jitter = ms(inbound.jitter);
+      b.packetsLost = inbound.packetsLost;
+      // The browser's own playout buffer over the last interval.
+      const prev = this.prevInbound;
+      if (prev && inbound.jitterBufferEmittedCount > prev.jitterBufferEmittedCount) {
+        b.playout = ms((inbound.jitterBufferDelay - prev.jitterBufferDelay)
+          / (inbound.jitterBufferEmittedCount - prev.jitterBufferEmittedCount));
+      }
+      this.prevInbound = inbound;
+    }
+    this.browser = b;
+    this.render();
+  }
+
+  render() {
+    const s = this.server, b = this.browser;
+    // Estimated delay until the agent's answer to a frame is heard: network both ways, the server's
+    // frame-in -> audio-out time, and the browser's playout buffer where the browser reports it.
+    ui.total.textContent = b.rtt == null || s.server_frame_ms == null ? "–"
+      : fmt(b.rtt + s.server_frame_ms + (b.playout || 0));
+    ui.server.textContent = fmt(s.server_frame_ms);
+    ui.rtt.textContent = fmt(b.rtt);
+    ui.jitter.textContent = fmt(b.jitter);
+    const bits = [];
+    if (s.frames_in != null) bits.push(`frames in ${s.frames_in} · out ${s.frames_out}`);
+    if (s.frame_latency_ms_p50 != null) bits.push(`engine ${Math.round(s.frame_latency_ms_p50)} ms`);
+    if (s.underruns != null) bits.push(`underruns ${s.underruns}`);
+    if (b.packetsLost != null) bits.push(`packets lost ${b.packetsLost}`);
+    ui.details.textContent = bits.join("  ·  ");
+  }
+}
+
+async function openMicrophone() {
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    throw new UserError("This page needs a secure connection (https or localhost) to use the microphone.");
+  }
+  try {
+    return await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+    });
+  } catch (e) {
+    if (e.name === "NotAllowedError" || e.name === "SecurityError") {
+      throw new UserError("Microphone permission was denied. Allow microphone access for this page and try again.");
+    }
+    if (e.name === "NotFoundError" || e.name === "OverconstrainedError") {
+      throw new UserError("No microphone was found. Plug one in and try again.");
+    }
+    if (e.name === "NotReadableError") {
+      throw new UserError("The microphone is busy in another application.");
+    }
+    throw new UserError(`Could not open the microphone (${e.name}).`);
+  }
+}
+
+// Non-trickle ICE: the offer is posted once, with every candidate in it.
+function iceGatheringComplete(pc) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      if (pc.iceGatheringState !== "complete") return;
+      pc.removeEventListener("icegatheringstatechange", done);
+      resolve();
+    };
+    pc.addEventListener("icegatheringstatechange", done);
+    setTimeout(resolve, ICE_GATHER_TIMEOUT_MS);  // go with what we have
+  });
+}
+
+async function postOffer(offer) {
+  let response;
+  try {
+    response = await fetch("offer", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ sdp: offer.sdp, type: offer.type }),
+    });
+  } catch (e) {
+    throw new UserError("Could not reach the server. Check your connection and try again.");
+  }
+  const body = await response.json().catch(() => ({}));
+  if (response.status === 503) throw new UserError("The server is full — try again in a minute.");
+  if (!response.ok) {
+    throw new UserError(`The server refused the call: ${body.error || `HTTP ${response.status}`}.`);
+  }
+  return body;
+}
+
+let session = null;
+
+function setButton(live) {
+  ui.toggle.textContent = live ? "Stop" : "Start conversation";
+  ui.toggle.classList.toggle("stop", live);
+}
+
+async function start() {
+  showError("");
+  ui.transcript.replaceChildren();
+  setStatus("connecting", "Connecting…");
+  setButton(true);
+  const current = (session = new Session());
+  window.duplex = current;  // for tests and debugging: window.duplex.pc
+  try {
+    await current.start();
+  } catch (e) {
+    current.fail(e instanceof UserError ? e.message : `Something went wrong: ${e.message || e}`);
+  }
+}
+
+function stop() {
+  if (session) session.stop();
+  session = null;
+  setButton(false);
+  setStatus("idle", "Ready");
+}
+
+function fail(message) {
+  stop();
+  setStatus("error", "Error");
+  showError(message);
+}
+
+ui.toggle.addEventListener("click", () => (session ? stop() : start()));
+window.addEventListener("pagehide", stop);
