@@ -83,7 +83,7 @@ class LMGen:
         tokens = torch.where(is_init, self.initial, tokens)
 
         # 3. temporal transformer, text sample, 8 depformer sub-steps.
-        rows = [b for b in range(self.batch) if bool(exec_mask[b])]
+        rows = exec_mask.nonzero().view(-1).tolist()  # one host sync, not one per row
         h, text_logits = model.forward_temporal(tokens, self.offsets, exec_mask)
         text = self.text_sampler.sample(text_logits, self.generators, rows)
         prev, audio, audio_logits = text, [], []
