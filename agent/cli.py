@@ -66,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _sampling(args, bundle):
+def sampling_from_args(args, defaults):
+    """--seed / --greedy on top of the checkpoint's default sampling."""
     from dataclasses import replace
-    return replace(bundle.sampling, seed=args.seed, greedy=args.greedy or bundle.sampling.greedy)
+    return replace(defaults, seed=args.seed, greedy=args.greedy or defaults.greedy)
 
 
 def _cmd_file(args) -> int:
@@ -87,7 +88,7 @@ def _cmd_file(args) -> int:
     bundle = load_checkpoint(args.checkpoint, args.device)
     engine = Engine(bundle, max_sessions=1)
     t0 = time.perf_counter()
-    transcript = run_file(engine, pcm, args.output, args.transcript, _sampling(args, bundle),
+    transcript = run_file(engine, pcm, args.output, args.transcript, sampling_from_args(args, bundle.sampling),
                           on_piece=lambda s: print(s, end="", flush=True))
     print()
     n = len(transcript.pieces)

@@ -55,14 +55,20 @@ class _Track:
         self._preroll: list[tuple[float, float]] = []  # non-speech frames just before it
         self._recent: deque[tuple[float, float]] = deque(maxlen=PREROLL_FRAMES)
         self._last_speech_end = 0.0
-        self.t_end = 0.0  # time up to which audio has been analysed
 
     def add(self, pcm: np.ndarray, t: float) -> None:
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
-        if self._t_next is None or abs(t - self._expected_start()) > self.resync_s:
-            # First audio, or a gap/jump in the timeline (lost audio): restart the frame clock.
+        expected = None if self._t_next is None else self._expected_start()
+        if expected is None or t > expected + self.resync_s:
+            # First audio, or a gap in the timeline (lost audio): restart the frame clock at t.
             self._pending = np.zeros(0, dtype=np.float32)
             self._t_next = t
+        elif t < expected - self.resync_s:
+            # Stamped earlier than audio already analysed (a burst of stale, buffered audio):
+            # only the part after what was analysed counts.
+            pcm = pcm[int(round((expected - t) * self.rate)):]
+            if not len(pcm):
+                return
         x = self._resampler.resample_chunk(pcm) if self._resampler else pcm
         buf = np.concatenate([self._pending, x])
         n = len(buf) // FRAME
@@ -79,7 +85,6 @@ class _Track:
         db = 10 * np.log10(float(np.mean(frame.astype(np.float64) ** 2)) + 1e-12)
         pcm16 = (np.clip(frame, -1.0, 1.0) * 32767).astype(np.int16).tobytes()
         speech = db > SILENCE_DBFS and self._vad.is_speech(pcm16, VAD_RATE)
-        self.t_end = t + FRAME_S
         if self._open and t - self._last_speech_end >= self.merge_gap_s:
             self._close()
         if speech:

@@ -18,13 +18,13 @@ from agent.turns import TurnTaking
 RATE = 24_000
 TOL = 0.045  # 1.5 VAD frames: segment edges fall on the 30 ms frame grid
 
-pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None,
-                                reason="espeak-ng is needed (bash scripts/setup.sh test installs it)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None,
+    reason="espeak-ng is needed (bash scripts/setup.sh test installs it)")
 
 
-def espeak(text: str, voice: str, tmp_path) -> np.ndarray:
+def espeak(text: str, voice: str, path) -> np.ndarray:
     """Speech at RATE with leading and trailing silence cut off."""
-    path = tmp_path / f"{abs(hash((text, voice)))}.wav"
     subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True)
     pcm, rate = soundfile.read(str(path), dtype="float32")
     pcm = soxr.resample(pcm, rate, RATE).astype(np.float32)
@@ -62,8 +62,7 @@ def scripted(tmp_path, user: np.ndarray, agent: np.ndarray) -> TurnTaking:
     both, rate = soundfile.read(str(wav), dtype="float32")
     assert rate == RATE
     tt = TurnTaking(rate=RATE)
-    for block, feed in ((480, tt.add_user), (1920, tt.add_agent)):
-        channel = both[:, 0] if feed == tt.add_user else both[:, 1]
+    for channel, block, feed in ((both[:, 0], 480, tt.add_user), (both[:, 1], 1920, tt.add_agent)):
         for i in range(0, len(channel), block):
             feed(channel[i:i + block], i / RATE)
     return tt
@@ -73,17 +72,18 @@ def scripted(tmp_path, user: np.ndarray, agent: np.ndarray) -> TurnTaking:
 def clips(tmp_path_factory):
     d = tmp_path_factory.mktemp("speech")
     return {
-        "question": espeak("Could you tell me the weather for tomorrow", "en-us", d),
-        "answer": espeak("Tomorrow will be sunny and warm all day long", "en-gb-x-rp+f3", d),
+        "question": espeak("Could you tell me the weather for tomorrow", "en-us", d / "q.wav"),
+        "answer": espeak("Tomorrow will be sunny and warm all day long", "en-gb-x-rp+f3",
+                         d / "a.wav"),
         "story": espeak("Once upon a time there was a little robot who lived in a big old "
-                        "house by the sea", "en-gb-x-rp+f3", d),
-        "stop": espeak("Wait a moment please", "en-us", d),
+                        "house by the sea", "en-gb-x-rp+f3", d / "s.wav"),
+        "stop": espeak("Wait a moment please", "en-us", d / "w.wav"),
     }
 
 
 def assert_segments(found, expected):
     assert len(found) == len(expected), (found, expected)
-    for (s, e), (s0, e0) in zip(found, expected):
+    for (s, e), (s0, e0) in zip(found, expected, strict=True):
         assert abs(s - s0) <= TOL and abs(e - e0) <= TOL, ((s, e), (s0, e0))
 
 
@@ -154,12 +154,15 @@ def test_pauses_inside_an_utterance_do_not_split_it(clips, tmp_path):
 
 
 def test_rates_and_timeline_gaps(clips):
-    # Each side may come at its own rate; a jump in the timestamps (lost audio) restarts the
-    # frame clock at the new time instead of shifting everything after it.
+    # Each side may come at its own rate; a jump ahead in the timestamps (lost audio) restarts
+    # the frame clock at the new time instead of shifting everything after it.
     tt = TurnTaking()
     speech48 = soxr.resample(clips["question"], RATE, 48_000).astype(np.float32)
     tt.add_user(np.zeros(48_000, np.float32), 0.0, rate=48_000)
     tt.add_user(speech48, 3.0, rate=48_000)  # 2 s of input are missing
     [(start, end)] = tt.segments()["user"]
     assert abs(start - 3.0) <= TOL and abs(end - (3.0 + len(speech48) / 48_000)) <= TOL
+    # A burst of buffered audio stamped with times already analysed is not counted twice.
+    tt.add_user(speech48[:48_000], 3.2, rate=48_000)
+    assert tt.segments()["user"] == [(start, end)]
     assert tt.summary()["agent_segments"] == 0
