@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from agent.config import FRAME_SIZE, SAMPLE_RATE, SamplingConfig
+from agent.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, SamplingConfig
 from agent.engine import EngineFull
+from agent.turns import TurnTaking
 
 # Live input may run at most this far ahead of the engine before the oldest audio is dropped.
 DEFAULT_MAX_BACKLOG_FRAMES = 25  # 2 s
@@ -96,6 +97,13 @@ class Conversation:
         self._max_backlog = max_backlog
         self._events: asyncio.Queue | None = asyncio.Queue(max_output) if loop else None
         self._resamplers: dict[int, object] = {}
+        # Turn-taking on the conversation's own clock (frame index x 80 ms), both sides as the
+        # model heard and spoke them; updated on the event loop, off the engine thread.
+        self.turns = TurnTaking(SAMPLE_RATE)
+
+    def report(self) -> dict:
+        """Counters, latency and turn-taking figures, JSON-ready."""
+        return {**self.stats.as_dict(), "turns": self.turns.summary()}
 
     # -- input -----------------------------------------------------------------------------------
     def push(self, pcm: np.ndarray, rate: int = SAMPLE_RATE) -> None:
@@ -176,6 +184,14 @@ class Conversation:
         if self.closed and self._events.empty():
             return None
         return await self._events.get()
+
+    def _on_tick(self, user_pcm: np.ndarray, events: list) -> None:  # on the event loop
+        audio = events[0]
+        t = audio.step / FRAME_RATE
+        self.turns.add_user(user_pcm, t)
+        self.turns.add_agent(audio.pcm, t)
+        for event in events:
+            self._deliver(event)
 
     def _deliver(self, event) -> None:  # on the event loop
         q = self._events

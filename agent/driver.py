@@ -90,7 +90,7 @@ class EngineDriver(threading.Thread):
                 conv.stats.text_pieces += 1
                 events.append(TextOut(out.text, out.step, out.step / FRAME_RATE,
                                       (out.step + 1) / FRAME_RATE))
-            self._deliver(conv, events)
+            self._deliver(conv, frames[row], events)
         for listener in tuple(self.tick_listeners):
             try:
                 listener(tick_ms, len(frames), len(conversations) - len(frames), latencies)
@@ -98,16 +98,12 @@ class EngineDriver(threading.Thread):
                 log.exception("tick listener failed")
         return True
 
-    def _deliver(self, conv, events) -> None:
+    def _deliver(self, conv, user_pcm, events) -> None:
         loop = conv._loop
         if loop is None or loop.is_closed() or conv.closed:
             return
-
-        def put():
-            for e in events:
-                conv._deliver(e)
         try:
-            loop.call_soon_threadsafe(put)
+            loop.call_soon_threadsafe(conv._on_tick, user_pcm, events)
         except RuntimeError:  # loop closed in between
             pass
 

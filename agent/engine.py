@@ -103,10 +103,12 @@ class Engine:
         """Advance the slots in `frames` (each a [1920] float32 24 kHz frame) by one step."""
         self._apply_resets()
         with self._lock:
-            slots = {row: self.slots[row] for row in frames}
-        for row, slot in slots.items():
-            if slot is None:
-                raise KeyError(f"slot {row} is not open")
+            # A conversation may close while its frame is on the way here: that row is skipped
+            # (and left out of the results), the others go on.
+            slots = {row: self.slots[row] for row in frames if self.slots[row] is not None}
+        frames = {row: frames[row] for row in slots}
+        if not frames:
+            return {}
         exec_mask = torch.zeros(self.max_sessions, dtype=torch.bool)
         exec_mask[list(frames)] = True
         self._pcm_in.zero_()
@@ -148,6 +150,8 @@ class Engine:
         return time.perf_counter()
 
     def piece(self, text_id: int) -> str | None:
-        if text_id < 0 or text_id in self._no_text:
+        """Printable text of a token: None for pad, end-of-pad and control pieces such as </s>."""
+        tok = self.bundle.tokenizer
+        if text_id < 0 or text_id in self._no_text or tok.is_control(text_id):
             return None
-        return self.bundle.tokenizer.id_to_piece(text_id).replace("\u2581", " ")
+        return tok.id_to_piece(text_id).replace("\u2581", " ")

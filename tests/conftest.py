@@ -4,6 +4,9 @@ from pathlib import Path
 
 # moshi's lazy torch.compile costs 20+ s on the first step; tests run eager.
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
+# Two cores shared by the test process, its servers and Chromium: torch's spinning worker threads
+# would fight each other (a tiny tick goes from ~10 ms to ~500 ms), so each process gets one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402

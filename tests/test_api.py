@@ -63,6 +63,9 @@ async def test_several_conversations_at_once(agent):
         assert np.sqrt(np.mean(np.concatenate([a.pcm for a in audio[1:]]) ** 2)) > 1e-3
         assert text and all(0 <= t.start < t.end for t in text)
         assert conv.stats.dropped_input_frames == 0
+        report = conv.report()  # turn-taking from webrtcvad on both sides, as the model heard them
+        assert report["turns"]["user_segments"] >= 1 and report["turns"]["agent_segments"] >= 1
+        assert report["frames_out"] >= 20
     assert max(agent._driver.batch_sizes) >= 2, "conversations shared ticks"
     for conv in convs:
         conv.close()

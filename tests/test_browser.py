@@ -178,6 +178,11 @@ async def test_browser_conversation(server, agent, fake_mic):
                 "document.querySelector('#transcript').textContent.trim()"
                 " && document.querySelector('#m-server').textContent.endsWith('ms')", timeout=20_000)
             transcript = await page.inner_text("#transcript")
+            # Turn-taking figures from the server: the user's espeak speech makes segments.
+            await page.wait_for_function(
+                "/turns: you [1-9]/.test(document.querySelector('#turns').textContent)",
+                timeout=20_000)
+            turns = await page.inner_text("#turns")
             artifacts = ROOT / "artifacts"
             artifacts.mkdir(exist_ok=True)
             await page.screenshot(path=str(artifacts / "browser.png"), full_page=True)
@@ -192,6 +197,7 @@ async def test_browser_conversation(server, agent, fake_mic):
     assert 0.6 * expected <= received <= 1.5 * expected, (received, expected)
     assert inbound and inbound["packetsReceived"] > 0 and inbound["totalSamplesReceived"] > 0, inbound
     assert transcript.strip(), "no transcript on the page"
+    assert "answers after" in turns and "overlap" in turns
     assert not problems, problems
     assert agent.active == 0, "Stop did not close the conversation"
 

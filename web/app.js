@@ -6,6 +6,7 @@ const $ = (id) => document.getElementById(id);
 const ui = {
   toggle: $("toggle"), status: $("status"), error: $("error"), transcript: $("transcript"),
   lampUser: $("lamp-user"), lampAgent: $("lamp-agent"), audio: $("remote"), details: $("details"),
+  turns: $("turns"),
   total: $("m-total"), server: $("m-server"), rtt: $("m-rtt"), jitter: $("m-jitter"),
 };
 
@@ -184,6 +185,12 @@ class Session {
     if (s.underruns != null) bits.push(`underruns ${s.underruns}`);
     if (b.packetsLost != null) bits.push(`packets lost ${b.packetsLost}`);
     ui.details.textContent = bits.join("  ·  ");
+    // Turn taking, measured by the server with webrtcvad on both sides of the conversation.
+    const t = s.turns, secs = (x) => x == null ? "–" : `${x.toFixed(2)} s`;
+    ui.turns.textContent = !t ? "" : `turns: you ${t.user_segments} · agent ${t.agent_segments}` +
+      `  ·  answers after ${secs(t.response_latency_p50_s)}` +
+      `  ·  yields to barge-in after ${secs(t.barge_in_reaction_p50_s)} (${t.barge_ins_yielded}/${t.barge_ins})` +
+      `  ·  overlap ${secs(t.overlap_s)}`;
   }
 }
 
