@@ -87,6 +87,7 @@ class Conversation:
                  max_backlog: int, max_output: int):
         self.id = f"c{next(_ids)}"
         self.agent, self.slot = agent, slot
+        self._owner = agent.engine.slots[slot]  # the engine's Slot: frames are tagged with it
         self.stats = ConversationStats()
         self.closed = False
         self.error: str | None = None
@@ -204,11 +205,11 @@ class Conversation:
 
     # -- end -------------------------------------------------------------------------------------
     def close(self) -> None:
-        self._end(None)
+        self.end(None)
 
-    def _end(self, error: str | None) -> None:
-        """Close, and tell the consumer why if it was an error. The state changes first so that
-        whoever reads the final events sees a closed conversation."""
+    def end(self, error: str | None) -> None:
+        """Close, telling the consumer why with a final ErrorOut when `error` is given. The state
+        changes first so that whoever reads the final events sees a closed conversation."""
         if self.closed:
             return
         self.closed = True

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMAND_MODULES = ["streams.server", "streams.local", "agent.bench"]
+COMMAND_MODULES = ["streams.server", "streams.local", "streams.loadtest", "agent.bench"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,7 +67,7 @@ class EngineDriver(threading.Thread):
             return False
         t0 = time.perf_counter()
         try:
-            results = self.engine.tick(frames)
+            results = self.engine.tick(frames, {row: c._owner for row, (c, _) in taken.items()})
         except Exception as e:  # the engine keeps serving; only this tick's conversations end
             self.failed_ticks += 1
             log.exception("tick failed for conversations %s", [c.id for c, _ in taken.values()])
@@ -108,4 +108,4 @@ class EngineDriver(threading.Thread):
             pass
 
     def _fail(self, conv, message: str) -> None:
-        conv._end(message)
+        conv.end(message)

@@ -99,13 +99,16 @@ class Engine:
 
     # -- one tick --------------------------------------------------------------------------------
     @torch.no_grad()
-    def tick(self, frames: dict[int, np.ndarray | torch.Tensor]) -> dict[int, FrameOut]:
-        """Advance the slots in `frames` (each a [1920] float32 24 kHz frame) by one step."""
+    def tick(self, frames: dict[int, np.ndarray | torch.Tensor],
+             owners: dict[int, Slot] | None = None) -> dict[int, FrameOut]:
+        """Advance the slots in `frames` (each a [1920] float32 24 kHz frame) by one step.
+        `owners` names the Slot each frame was meant for (as `slots[row]` was when it was taken)."""
         self._apply_resets()
         with self._lock:
-            # A conversation may close while its frame is on the way here: that row is skipped
-            # (and left out of the results), the others go on.
-            slots = {row: self.slots[row] for row in frames if self.slots[row] is not None}
+            # A conversation may close while its frame is on the way here, and its row may even be
+            # reopened by someone else: that frame is skipped (and left out of the results).
+            slots = {row: self.slots[row] for row in frames if self.slots[row] is not None
+                     and (owners is None or owners.get(row) is self.slots[row])}
         frames = {row: frames[row] for row in slots}
         if not frames:
             return {}

@@ -3,19 +3,20 @@
 Each app gets its own `CollectorRegistry` (not prometheus_client's global one), so several apps,
 as in the tests, can share a process. All names start with `duplex_`:
 
-    conversations_active, conversations_capacity      gauges, read from the agent at scrape time
-    conversations_opened_total, conversations_ended_total{reason}
-    ticks_total, ticks_failed_total                   from the engine driver's counters
-    tick_seconds                                      histogram of whole engine ticks
-    tick_stage_seconds{stage}                         encode / lm / decode, when stage profiling is on
-    tick_batch_size                                   conversations per tick
-    frame_latency_seconds                             input frame complete -> output frame ready
-    late_frames_total                                 output frames later than one frame (80 ms)
-    skipped_frames_total                              a conversation's input frame missed a tick
-    dropped_input_frames_total                        client faster than real time (backlog overflow)
-    dropped_output_frames_total                       consumer did not read its events in time
-    refusals_total{reason}                            full, auth, origin, per_client, size, bad_input
-    websocket_errors_total{kind}                      bad_audio, too_big, protocol, ignored
+    conversations_active, conversations_capacity  gauges, read from the agent at scrape time
+    conversations_opened_total
+    conversations_ended_total{reason}             closed, error, idle, max_length, bad_input, ...
+    ticks_total, ticks_failed_total               the engine driver's counters
+    tick_seconds                                  histogram of whole engine ticks
+    tick_stage_seconds{stage}                     encode / lm / decode, when stages are profiled
+    tick_batch_size                               conversations per tick
+    frame_latency_seconds                         input frame complete -> output frame ready
+    late_frames_total                             output frames later than one frame (80 ms)
+    skipped_frames_total                          a conversation's input frame missed a tick
+    dropped_input_frames_total                    client faster than real time (backlog full)
+    dropped_output_frames_total                   consumer did not read its events in time
+    refusals_total{reason}                        full, auth, origin, per_client, size, bad_input
+    websocket_errors_total{kind}                  bad_audio, too_big, protocol, ignored
 
 Per-tick figures come from the engine driver's tick listeners, on the engine thread (prometheus
 metrics are thread-safe); per-conversation drops from the conversation tracker's sweep.
@@ -25,7 +26,8 @@ by default only on CPU, where it costs nothing; on CUDA only the whole tick is t
 """
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram,
+                               generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from agent.config import FRAME_RATE
@@ -57,13 +59,18 @@ class _AgentCollector:
 
 
 class Metrics:
+    """The metrics of one app. `attach` connects them to an agent; the server's handlers call
+    `refused`, `websocket_error`, `opened`, `ended` and `dropped` as things happen."""
+
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.opened_total = Counter("duplex_conversations_opened", "Conversations opened", registry=r)
+        self.opened_total = Counter("duplex_conversations_opened", "Conversations opened",
+                                    registry=r)
         self.ended_total = Counter("duplex_conversations_ended", "Conversations ended, by reason",
                                    ["reason"], registry=r)
-        self.tick_seconds = Histogram("duplex_tick_seconds", "Engine tick time (encode, LM, decode)",
+        self.tick_seconds = Histogram("duplex_tick_seconds",
+                                      "Engine tick time (encode, LM, decode)",
                                       buckets=_TIME_BUCKETS, registry=r)
         self.stage_seconds = Histogram("duplex_tick_stage_seconds", "Engine tick time per stage",
                                        ["stage"], buckets=_TIME_BUCKETS, registry=r)
@@ -80,7 +87,8 @@ class Metrics:
                                      "client sent faster than real time", registry=r)
         self.dropped_output = Counter("duplex_dropped_output_frames", "Output frames dropped: the "
                                       "consumer did not read them in time", registry=r)
-        self.refusals = Counter("duplex_refusals", "Requests refused, by reason", ["reason"], registry=r)
+        self.refusals = Counter("duplex_refusals", "Requests refused, by reason", ["reason"],
+                                registry=r)
         self.websocket_errors = Counter("duplex_websocket_errors", "Websocket protocol errors and "
                                         "ignored messages, by kind", ["kind"], registry=r)
         for reason in REFUSAL_REASONS:  # every label appears from the start, at zero
@@ -101,8 +109,8 @@ class Metrics:
         engine = agent.engine
         if profile_stages is None:
             profile_stages = engine.device.type == "cpu"
+        engine.profile = profile_stages
         if profile_stages:
-            engine.profile = True
             for stage in STAGES:
                 self.stage_seconds.labels(stage)
         agent._driver.tick_listeners.append(self._on_tick)

@@ -9,7 +9,11 @@ its first byte is the kind:
     0x05 error      server -> client, UTF-8 message; the server then closes the socket
 
 Other kinds (control 0x03, ping 0x06, anything unknown) and text frames are ignored and counted.
-A full server or a bad query parameter gets a 0x05 error instead of the handshake.
+A full server, a client over its per-address limit or a bad query parameter gets a 0x05 error
+instead of the handshake. Audio that is not Ogg/Opus ends the conversation with a 0x05 error; a
+message over the size limit closes the socket with code 1009. When the server ends a conversation
+(idle, maximum length, engine error: see streams/security.py) the client gets a 0x05 with the
+reason. Authentication and Origin checks happen before the upgrade (streams/security.py).
 
 Sampling comes from the URL query the moshi web client sends: `text_temperature`, `text_topk`,
 `audio_temperature`, `audio_topk`, and `audio_seed` (else `text_seed`), since the engine keeps
@@ -32,6 +36,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from agent.api import AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut
 from agent.config import SAMPLE_RATE, SamplingConfig
+from streams.security import ConversationTracker, Policy
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,6 @@ KIND_AUDIO = b"\x01"
 KIND_TEXT = b"\x02"
 KIND_ERROR = b"\x05"
 
-MAX_MESSAGE_BYTES = 1 << 20  # a browser sends ~40 ms of Opus (a few hundred bytes) per message
 HEARTBEAT_S = 20.0  # ping the client; a peer that stops answering is dropped and its slot freed
 
 
@@ -49,10 +53,14 @@ class ChatCounters:
     """Server-wide counts since start, reported by /api/stats."""
     connections: int = 0
     refused_full: int = 0
+    refused_per_client: int = 0
     bad_requests: int = 0  # invalid query parameters
     bad_audio: int = 0  # 0x01 payloads that are not Ogg/Opus
+    too_big: int = 0  # messages over the size limit
+    protocol_errors: int = 0  # broken websocket frames
     ignored_messages: int = 0  # text frames, empty messages, kinds other than 0x01
     engine_errors: int = 0
+    ended_by_limits: int = 0  # idle or too long
 
 
 def sampling_from_query(query, defaults: SamplingConfig) -> SamplingConfig:
@@ -83,36 +91,46 @@ def sampling_from_query(query, defaults: SamplingConfig) -> SamplingConfig:
 class MoshiChat:
     """The `/api/chat` handler of one server, with its counters and open sockets."""
 
-    def __init__(self, agent):
-        self.agent = agent
+    def __init__(self, agent, policy: Policy, tracker: ConversationTracker, metrics):
+        self.agent, self.policy, self.tracker, self.metrics = agent, policy, tracker, metrics
         self.counters = ChatCounters()
         self._sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
         # autoclose=False: on the client's close we free the conversation slot first and only then
         # answer the close, so a client that reconnects right away finds its slot free.
-        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, autoclose=False,
+        # aiohttp refuses messages of max_msg_size bytes or more; the policy's limit is inclusive.
+        ws = web.WebSocketResponse(max_msg_size=self.policy.max_message_bytes + 1, autoclose=False,
                                    heartbeat=HEARTBEAT_S)
         await ws.prepare(request)
         self.counters.connections += 1
+        client = request.remote or "unknown"
         try:
             sampling = sampling_from_query(request.query, self.agent.sampling_defaults)
         except ValueError as e:
             self.counters.bad_requests += 1
+            self.metrics.refused("bad_input")
             return await _fail(ws, str(e))
+        limit = self.policy.max_per_client
+        if limit and self.tracker.count(client) >= limit:
+            self.counters.refused_per_client += 1
+            self.metrics.refused("per_client")
+            return await _fail(ws, f"too many conversations from {client}: at most {limit} "
+                                   "per client")
         try:
             conv = self.agent.open(sampling)
         except AgentFull:
             self.counters.refused_full += 1
+            self.metrics.refused("full")
             return await _fail(ws, f"server full: all {self.agent.max_conversations} conversations "
                                    "are in use, try again later")
+        self.tracker.claim(conv, client, "websocket")
         self._sockets.add(ws)
-        log.info("conversation %s opened (websocket %s)", conv.id, request.remote)
-        sender, error = None, None
+        sender, reason, error = None, None, None
         try:
             await ws.send_bytes(KIND_HANDSHAKE)
             sender = asyncio.create_task(self._send(ws, conv))
-            error = await self._receive(ws, conv)
+            reason, error = await self._receive(ws, conv)
         except ConnectionError:
             pass  # the client went away
         finally:
@@ -120,38 +138,49 @@ class MoshiChat:
             if sender is not None:
                 sender.cancel()
                 await asyncio.wait([sender])
-            log.info("conversation %s closed", conv.id)
+            self.tracker.finish(conv, reason)
         if error:
             return await _fail(ws, error)
         await ws.close()
         return ws
 
-    async def _receive(self, ws: web.WebSocketResponse, conv) -> str | None:
-        """Feed the client's audio to the conversation until the socket closes. Returns the error
-        to send when the client breaks the protocol."""
+    async def _receive(self, ws: web.WebSocketResponse, conv) -> tuple[str | None, str | None]:
+        """Feed the client's audio to the conversation until the socket closes. Returns why it
+        ended when the client broke the protocol (None otherwise), and the error to send it."""
         reader = sphn.OpusStreamReader(SAMPLE_RATE)
         async for msg in ws:
-            if msg.type == WSMsgType.ERROR:  # e.g. message over MAX_MESSAGE_BYTES: aiohttp closed it
-                break
+            if msg.type == WSMsgType.ERROR:  # aiohttp has already closed the socket
+                too_big = getattr(msg.data, "code", None) == WSCloseCode.MESSAGE_TOO_BIG
+                kind = "too_big" if too_big else "protocol"
+                if too_big:
+                    self.counters.too_big += 1
+                else:
+                    self.counters.protocol_errors += 1
+                self.metrics.websocket_error(kind)
+                log.info("conversation %s: websocket error: %s", conv.id, msg.data)
+                return kind, None
             data = msg.data
             if msg.type != WSMsgType.BINARY or not data or data[:1] != KIND_AUDIO:
                 self.counters.ignored_messages += 1
+                self.metrics.websocket_error("ignored")
                 continue
             try:
                 pcm = reader.append_bytes(data[1:])
-            except ValueError as e:
+            except Exception as e:  # sphn raises ValueError for anything it cannot parse or decode
                 self.counters.bad_audio += 1
-                return f"invalid audio message: expected Ogg/Opus pages, 24 kHz mono ({e})"
+                self.metrics.websocket_error("bad_audio")
+                return "bad_input", ("invalid audio message: expected Ogg/Opus pages, 24 kHz mono "
+                                     f"({e})")
             if len(pcm):
                 try:
                     conv.push(pcm, SAMPLE_RATE)
-                except ConversationClosed:  # the engine ended it; _send reports why
+                except ConversationClosed:  # the engine or a limit ended it; _send reports why
                     break
-        return None
+        return None, None
 
     async def _send(self, ws: web.WebSocketResponse, conv) -> None:
         """Forward the agent's audio and text as they come; close the socket when the conversation
-        ends on the engine's side."""
+        ends on the server's side."""
         writer = sphn.OpusStreamWriter(SAMPLE_RATE)
         try:
             async for event in conv.events():
@@ -162,7 +191,10 @@ class MoshiChat:
                 elif isinstance(event, TextOut):
                     await ws.send_bytes(KIND_TEXT + event.text.encode())
                 elif isinstance(event, ErrorOut):
-                    self.counters.engine_errors += 1
+                    if self.tracker.ended_by_server(conv):
+                        self.counters.ended_by_limits += 1
+                    else:
+                        self.counters.engine_errors += 1
                     await ws.send_bytes(KIND_ERROR + event.message.encode())
             await ws.close()
         except ConnectionError:

@@ -32,12 +32,10 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-log = logging.getLogger(__name__)
+from streams.server import (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONVERSATION_S,
+                            DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_OFFER_BYTES)
 
-DEFAULT_MAX_MESSAGE_BYTES = 1 << 20  # websocket; a browser sends a few hundred bytes per message
-DEFAULT_MAX_OFFER_BYTES = 64 << 10  # a browser's audio offer is 2-10 kB
-DEFAULT_IDLE_TIMEOUT_S = 60.0
-DEFAULT_MAX_CONVERSATION_S = 3600.0
+log = logging.getLogger(__name__)
 
 TOKEN_PATHS = frozenset({"/offer", "/api/chat", "/api/stats", "/metrics"})
 ORIGIN_PATHS = frozenset({"/offer", "/api/chat"})  # what a hostile web page could drive
@@ -60,7 +58,8 @@ class Policy:
 
     @property
     def sweep_interval_s(self) -> float:
-        """How often the tracker checks the time limits: a tenth of the shortest, within [50 ms, 1 s]."""
+        """How often the tracker checks the time limits: a tenth of the shortest limit,
+        within [50 ms, 1 s]."""
         limits = [s for s in (self.idle_timeout_s, self.max_conversation_s) if s]
         return min(1.0, max(0.05, min(limits, default=10.0) / 10))
 
@@ -73,7 +72,10 @@ def token_matches(request: web.Request, token: str) -> bool:
     """`Authorization: Bearer TOKEN`, or `?token=TOKEN` for clients that cannot set headers
     (browsers' WebSocket, the moshi web client). Constant-time comparison."""
     header = request.headers.get("Authorization", "")
-    given = header[7:].strip() if header[:7].lower() == "bearer " else request.query.get("token", "")
+    if header[:7].lower() == "bearer ":
+        given = header[7:].strip()
+    else:
+        given = request.query.get("token", "")
     return hmac.compare_digest(given.encode(), token.encode())
 
 
@@ -94,12 +96,13 @@ def refusal(status: int, message: str, **extra) -> web.Response:
 
 
 def guard_middleware(policy: Policy, tracker: "ConversationTracker", metrics):
-    """The aiohttp middleware that applies `policy` to incoming requests (see the module docstring)."""
+    """The aiohttp middleware that applies `policy` to requests (see the module docstring)."""
 
     @web.middleware
     async def guard(request: web.Request, handler):
         path = request.path
-        if policy.auth_token and path in TOKEN_PATHS and not token_matches(request, policy.auth_token):
+        token = policy.auth_token
+        if token and path in TOKEN_PATHS and not token_matches(request, token):
             metrics.refused("auth")
             return refusal(401, "missing or wrong token: send 'Authorization: Bearer TOKEN' "
                                 "or add ?token=TOKEN to the URL")
@@ -125,7 +128,7 @@ def guard_middleware(policy: Policy, tracker: "ConversationTracker", metrics):
         with tracker.reserve(client):  # the offer's conversation counts while it is negotiated
             try:
                 response = await handler(request)
-            except web.HTTPRequestEntityTooLarge:  # a body without Content-Length, read past the limit
+            except web.HTTPRequestEntityTooLarge:  # no Content-Length; reading went past the limit
                 metrics.refused("size")
                 return too_big
         if response.status == 400:
@@ -234,14 +237,15 @@ class ConversationTracker:
         self._ended[entry.conv] = reason
         # Conversation._end is how the engine driver reports errors too: the consumer gets an
         # ErrorOut with the message (a 0x05 on the websocket), then the end of its events.
-        entry.conv._end(message)
+        entry.conv.end(message)
         self.finish(entry.conv)
 
     def _account(self, entry: _Tracked) -> None:
         stats = entry.conv.stats
         self.metrics.dropped(stats.dropped_input_frames - entry.dropped_in,
                              stats.dropped_output_frames - entry.dropped_out)
-        entry.dropped_in, entry.dropped_out = stats.dropped_input_frames, stats.dropped_output_frames
+        entry.dropped_in = stats.dropped_input_frames
+        entry.dropped_out = stats.dropped_output_frames
 
     def finish(self, conv, reason: str | None = None) -> None:
         """Retire a closed conversation: final drop counts, the `ended` metric, one log line.
@@ -254,7 +258,7 @@ class ConversationTracker:
         reason = self._ended.get(conv) or ("error" if conv.error else reason or "closed")
         self.metrics.ended(reason)
         stats = conv.stats
-        log.info("conversation %s closed (%s): %s from %s, %.1f s, %d frames in, %d out, "
+        log.info("conversation %s ended (%s): %s from %s, %.1f s, %d frames in, %d out, "
                  "dropped %d in / %d out", conv.id, reason, entry.transport, entry.client,
                  time.monotonic() - entry.opened, stats.frames_in, stats.frames_out,
                  stats.dropped_input_frames, stats.dropped_output_frames)
@@ -269,7 +273,8 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     try:
         context.load_cert_chain(cert_file, key_file)
     except (OSError, ssl.SSLError) as e:
-        raise ValueError(f"cannot use the TLS certificate {cert_file} with key {key_file}: {e}") from None
+        raise ValueError(f"cannot use the TLS certificate {cert_file} with key {key_file}: "
+                         f"{e}") from None
     return context
 
 
@@ -280,8 +285,9 @@ class RedactingAccessLogger(AbstractAccessLogger):
     """aiohttp's access log, with the value of `?token=` replaced by ***."""
 
     def log(self, request, response, time: float) -> None:
-        self.logger.info('%s "%s %s" %d %.1f ms', request.remote, request.method,
-                         _TOKEN_IN_QUERY.sub("***", request.path_qs), response.status, time * 1000)
+        path = _TOKEN_IN_QUERY.sub("***", request.path_qs)
+        self.logger.info('%s "%s %s" %d %.1f ms', request.remote, request.method, path,
+                         response.status, time * 1000)
 
     @property
     def enabled(self) -> bool:

@@ -4,10 +4,13 @@ Routes:
     GET  /           web/index.html (other files of web/ are served as static files)
     GET  /api/chat   Moshi's websocket protocol (streams/moshi_ws.py)
     GET  /api/stats  JSON: active conversations, capacity, per-conversation stats, engine timings
+    GET  /metrics    Prometheus metrics (streams/metrics.py)
     POST /offer      WebRTC (streams/webrtc.py), when that module is present
 
 Every connection is one conversation of the shared `Agent`; a full server refuses at once
-(websocket: a 0x05 error; HTTP: `refuse_full`, status 503), it never queues.
+(websocket: a 0x05 error; HTTP: `refuse_full`, status 503), it never queues. The admission rules
+(token, origins, sizes, per-client limit) and the time limits (idle, maximum length) are in
+streams/security.py, applied to every transport by middleware and by a periodic sweep.
 
 This module is imported by the command line for every command, so aiohttp, torch and the agent
 are imported inside the functions that need them.
@@ -16,8 +19,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
+import os
 import signal
+from contextlib import suppress
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,6 +31,11 @@ log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"
 DEFAULT_MAX_SESSIONS = 8  # each costs one KV cache: 1.6 GB at bf16 for moshiko's 3000 steps
+# Limits (streams/security.py Policy): the command line's defaults and the Policy's.
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 20  # websocket; a browser sends a few hundred bytes per message
+DEFAULT_MAX_OFFER_BYTES = 64 << 10  # a browser's audio offer is 2-10 kB
+DEFAULT_IDLE_TIMEOUT_S = 60.0
+DEFAULT_MAX_CONVERSATION_S = 3600.0
 
 
 def refuse_full(agent):
@@ -37,13 +48,21 @@ def refuse_full(agent):
         status=503, headers={"Retry-After": "5"})
 
 
-def create_app(agent, static_dir: Path = WEB_DIR):
+def create_app(agent, static_dir: Path = WEB_DIR, policy=None, profile_stages: bool | None = None):
+    """The aiohttp application. `policy`: a streams.security.Policy (default: its defaults);
+    `profile_stages`: time the engine's stages for /metrics (default: on CPU only)."""
     from aiohttp import web
 
+    from streams.metrics import Metrics
     from streams.moshi_ws import MoshiChat
+    from streams.security import ConversationTracker, Policy, guard_middleware
 
-    app = web.Application()
-    chat = MoshiChat(agent)
+    policy = policy or Policy()
+    metrics = Metrics()
+    tracker = ConversationTracker(agent, policy, metrics)
+    app = web.Application(middlewares=[guard_middleware(policy, tracker, metrics)],
+                          client_max_size=policy.max_offer_bytes)  # only /offer takes a body
+    chat = MoshiChat(agent, policy, tracker, metrics)
     index = Path(static_dir) / "index.html"
 
     async def handle_index(request: web.Request) -> web.StreamResponse:
@@ -54,13 +73,35 @@ def create_app(agent, static_dir: Path = WEB_DIR):
     async def handle_stats(request: web.Request) -> web.Response:
         return web.json_response(stats(agent, chat))
 
+    async def handle_metrics(request: web.Request) -> web.Response:
+        tracker.sweep()  # drop counts up to date
+        body, content_type = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    background: list[asyncio.Task] = []
+
+    async def start_background(app: web.Application) -> None:
+        metrics.attach(agent, profile_stages)
+        background.append(asyncio.create_task(_sweep_forever(tracker, policy.sweep_interval_s)))
+
     async def close_sockets(app: web.Application) -> None:
         await chat.close_all()
+
+    async def stop_background(app: web.Application) -> None:
+        for task in background:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+        tracker.sweep()  # log the conversations that ended last
+        metrics.detach()
 
     app.router.add_get("/", handle_index)
     app.router.add_get("/api/chat", chat.handle)
     app.router.add_get("/api/stats", handle_stats)
+    app.router.add_get("/metrics", handle_metrics)
+    app.on_startup.append(start_background)
     app.on_shutdown.append(close_sockets)
+    app.on_cleanup.append(stop_background)
     try:
         from streams import webrtc
     except ModuleNotFoundError as e:
@@ -72,6 +113,15 @@ def create_app(agent, static_dir: Path = WEB_DIR):
     if Path(static_dir).is_dir():  # last: the other routes take precedence over files
         app.router.add_static("/", static_dir)
     return app
+
+
+async def _sweep_forever(tracker, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            tracker.sweep()
+        except Exception:  # a bug here must not stop the limits for good
+            log.exception("conversation sweep failed")
 
 
 def stats(agent, chat) -> dict:
@@ -108,12 +158,43 @@ def register(subparsers, add_checkpoint_args, add_sampling_args) -> None:
     # add_sampling_args is not used: each client chooses its sampling (moshi's query parameters).
     p = subparsers.add_parser("serve", help="serve the web client, Moshi's websocket and WebRTC")
     p.set_defaults(func=run_serve)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8998, help="default 8998; 0 picks a free port")
     p.add_argument("--max-sessions", type=_positive_int, default=DEFAULT_MAX_SESSIONS,
                    help=f"conversations served at once (default {DEFAULT_MAX_SESSIONS}); "
                         "more clients are refused")
     add_checkpoint_args(p)
+
+    g = p.add_argument_group("security and limits")
+    g.add_argument("--auth-token", default=os.environ.get("AGENT_AUTH_TOKEN") or None,
+                   help="require this token on /offer, /api/chat, /api/stats and /metrics, as "
+                        "'Authorization: Bearer TOKEN' or ?token=TOKEN (default: "
+                        "$AGENT_AUTH_TOKEN; none: open to anyone who can connect)")
+    g.add_argument("--allowed-origins", type=_origins, default=frozenset(),
+                   help="comma-separated origins (e.g. https://app.example.com) whose web pages "
+                        "may use /offer and /api/chat; requests without an Origin header "
+                        "(programs) and this server's own pages are always accepted "
+                        "(default: any origin)")
+    g.add_argument("--ssl-cert", help="PEM certificate (chain): serve HTTPS and WSS")
+    g.add_argument("--ssl-key", help="PEM private key of --ssl-cert")
+    g.add_argument("--max-message-bytes", type=_positive_int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                   help="largest websocket message; larger ones close the socket with code 1009 "
+                        f"(default {DEFAULT_MAX_MESSAGE_BYTES})")
+    g.add_argument("--max-offer-bytes", type=_positive_int, default=DEFAULT_MAX_OFFER_BYTES,
+                   help="largest POST /offer body; larger ones get 413 "
+                        f"(default {DEFAULT_MAX_OFFER_BYTES})")
+    g.add_argument("--max-per-client", type=_positive_int, default=None,
+                   help="conversations one client address may hold at once (default: no limit)")
+    g.add_argument("--idle-timeout", type=_seconds, default=DEFAULT_IDLE_TIMEOUT_S,
+                   help="end a conversation whose client sent no audio for this many seconds "
+                        f"(default {DEFAULT_IDLE_TIMEOUT_S:g}; 0: never)")
+    g.add_argument("--max-conversation-s", type=_seconds, default=DEFAULT_MAX_CONVERSATION_S,
+                   help="end conversations at this length in seconds "
+                        f"(default {DEFAULT_MAX_CONVERSATION_S:g}; 0: never)")
+    g.add_argument("--profile-stages", action="store_true",
+                   help="time encode/LM/decode separately for /metrics; on CUDA this synchronises "
+                        "the GPU between stages (always on for CPU)")
 
 
 def _positive_int(text: str) -> int:
@@ -123,25 +204,69 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError("must be a number of seconds, 0 or more")
+    return value
+
+
+def _origins(text: str) -> frozenset[str]:
+    origins = frozenset(o.strip() for o in text.split(",") if o.strip())
+    for origin in origins:
+        if "://" not in origin:
+            raise argparse.ArgumentTypeError(f"{origin!r} is not an origin like "
+                                             "https://host[:port]")
+    return origins
+
+
+def policy_from_args(args):
+    from streams.security import Policy
+    return Policy(auth_token=args.auth_token, allowed_origins=args.allowed_origins,
+                  max_message_bytes=args.max_message_bytes, max_offer_bytes=args.max_offer_bytes,
+                  max_per_client=args.max_per_client, idle_timeout_s=args.idle_timeout or None,
+                  max_conversation_s=args.max_conversation_s or None)
+
+
 def run_serve(args) -> int:
+    import sys
+
     from agent.api import Agent
+    from streams.security import tls_context
+    if bool(args.ssl_cert) != bool(args.ssl_key):
+        print("error: --ssl-cert and --ssl-key go together", file=sys.stderr)
+        return 2
+    try:
+        ssl_context = tls_context(args.ssl_cert, args.ssl_key) if args.ssl_cert else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    policy = policy_from_args(args)
     agent = Agent.load(args.checkpoint, args.device, args.max_sessions)
     try:
-        asyncio.run(serve(agent, args.host, args.port))
+        asyncio.run(serve(agent, args.host, args.port, policy, ssl_context,
+                          profile_stages=args.profile_stages or None))
     finally:
         agent.close()
     return 0
 
 
-async def serve(agent, host: str, port: int) -> None:
+async def serve(agent, host: str, port: int, policy=None, ssl_context=None,
+                profile_stages: bool | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then close every connection and return."""
     from aiohttp import web
-    runner = web.AppRunner(create_app(agent), shutdown_timeout=5.0)
+
+    from streams.security import Policy, RedactingAccessLogger
+    policy = policy or Policy()
+    _warn_if_exposed(host, policy, ssl_context)
+    runner = web.AppRunner(create_app(agent, policy=policy, profile_stages=profile_stages),
+                           shutdown_timeout=5.0, access_log_class=RedactingAccessLogger)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
         port = runner.addresses[0][1]  # the real one when port 0 was asked
-        print(f"serving on http://{host}:{port} ({agent.max_conversations} conversations max)",
+        scheme = "https" if ssl_context else "http"
+        print(f"serving on {scheme}://{host}:{port} ({agent.max_conversations} conversations max)",
               flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -151,3 +276,17 @@ async def serve(agent, host: str, port: int) -> None:
         log.info("shutting down")
     finally:
         await runner.cleanup()
+
+
+def _warn_if_exposed(host: str, policy, ssl_context) -> None:
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = host == "localhost"
+    if local:
+        return
+    if not policy.auth_token:
+        log.warning("listening on %s without --auth-token: anyone who can reach this port can "
+                    "open conversations", host)
+    elif ssl_context is None:
+        log.warning("listening on %s without TLS: the auth token travels in clear text", host)

@@ -242,7 +242,7 @@ class PeerSession:
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
             if self.channel is not None:
-                self.send({"type": "stats", **self.conv.stats.as_dict(), **self.voice.stats()})
+                self.send({"type": "stats", **self.conv.report(), **self.voice.stats()})
 
     async def _watch_connect(self) -> None:
         await asyncio.sleep(CONNECT_TIMEOUT_S)

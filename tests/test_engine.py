@@ -147,3 +147,19 @@ def test_equals_reference_library_one_conversation_at_a_time(bundle):
         assert got[r][0] == ref_text
         ours = np.concatenate(got[r][1])
         assert np.abs(ours - ref_audio).max() <= 1e-5 * max(1.0, np.abs(ref_audio).max())
+
+
+def test_stale_frame_for_a_reopened_slot_is_skipped(bundle):
+    """A frame taken for a conversation that closed, its row reopened by someone else before the
+    tick: the newcomer must not receive the old conversation's audio."""
+    engine = fresh_engine(bundle)
+    old_row = engine.open()
+    old_owner = engine.slots[old_row]
+    engine.close(old_row)
+    new_row = engine.open()
+    assert new_row == old_row
+    frame = speech_frames(seed=9, n=1)[0]
+    assert engine.tick({old_row: frame}, owners={old_row: old_owner}) == {}
+    assert engine.slots[new_row].steps == 0
+    out = engine.tick({new_row: frame}, owners={new_row: engine.slots[new_row]})
+    assert out[new_row].step == 0

@@ -233,7 +233,9 @@ function iceGatheringComplete(pc) {
 async function postOffer(offer) {
   let response;
   try {
-    response = await fetch("offer", {
+    // A server started with --auth-token is opened as /?token=...: pass it on.
+    const token = new URLSearchParams(location.search).get("token");
+    response = await fetch(token ? `offer?token=${encodeURIComponent(token)}` : "offer", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ sdp: offer.sdp, type: offer.type }),
