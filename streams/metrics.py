@@ -91,6 +91,18 @@ class Metrics:
                                 registry=r)
         self.websocket_errors = Counter("duplex_websocket_errors", "Websocket protocol errors and "
                                         "ignored messages, by kind", ["kind"], registry=r)
+        # Turn taking (webrtcvad on both sides), recorded when each conversation ends.
+        turn_buckets = (.1, .2, .3, .4, .6, .8, 1.0, 1.5, 2.0, 3.0)
+        self.response_latency = Histogram(
+            "duplex_response_latency_seconds", "User stops speaking -> agent starts",
+            buckets=turn_buckets, registry=r)
+        self.barge_in_reaction = Histogram(
+            "duplex_barge_in_reaction_seconds", "User starts while the agent speaks -> agent "
+            "stops (barge-ins the agent yielded to)", buckets=turn_buckets, registry=r)
+        self.barge_ins = Counter("duplex_barge_ins", "User starts while the agent speaks, by "
+                                 "whether the agent yielded", ["yielded"], registry=r)
+        self.overlap_seconds = Counter("duplex_overlap_seconds", "Time both sides spoke at once",
+                                       registry=r)
         for reason in REFUSAL_REASONS:  # every label appears from the start, at zero
             self.refusals.labels(reason)
         for kind in WEBSOCKET_ERRORS:
@@ -159,6 +171,16 @@ class Metrics:
             self.dropped_input.inc(input_frames)
         if output_frames > 0:
             self.dropped_output.inc(output_frames)
+
+    def turn_taking(self, turns) -> None:
+        """Fold one finished conversation's `agent.turns.TurnTaking` into the histograms."""
+        for latency in turns.response_latencies():
+            self.response_latency.observe(latency)
+        for barge in turns.barge_ins():
+            self.barge_ins.labels("yes" if barge["yielded"] else "no").inc()
+            if barge["yielded"]:
+                self.barge_in_reaction.observe(barge["reaction"])
+        self.overlap_seconds.inc(turns.overlap_s())
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

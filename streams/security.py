@@ -257,6 +257,7 @@ class ConversationTracker:
         self._account(entry)
         reason = self._ended.get(conv) or ("error" if conv.error else reason or "closed")
         self.metrics.ended(reason)
+        self.metrics.turn_taking(conv.turns)
         stats = conv.stats
         log.info("conversation %s ended (%s): %s from %s, %.1f s, %d frames in, %d out, "
                  "dropped %d in / %d out", conv.id, reason, entry.transport, entry.client,

@@ -394,7 +394,9 @@ async def test_metrics_follow_a_conversation(start_server, session, agent, caplo
                  "duplex_dropped_output_frames_total", "duplex_ticks_total", "duplex_ticks_failed_total",
                  'duplex_refusals_total{reason="per_client"}',
                  'duplex_websocket_errors_total{kind="bad_audio"}',
-                 'duplex_conversations_ended_total{reason="idle"}'):
+                 'duplex_conversations_ended_total{reason="idle"}',
+                 "duplex_response_latency_seconds_bucket", "duplex_barge_in_reaction_seconds_bucket",
+                 "duplex_overlap_seconds_total"):
         assert name in text, name
     assert await metric(session, base, "duplex_conversations_capacity") == CAPACITY
 
