@@ -223,7 +223,7 @@ async def test_engine_failure_reaches_the_client(server, agent, monkeypatch):
             await asyncio.sleep(0.05)
         assert any(m["type"] == "stats" for m in messages), messages
 
-        def broken_tick(frames):
+        def broken_tick(frames, owners=None):
             raise RuntimeError("simulated GPU fault")
         monkeypatch.setattr(agent.engine, "tick", broken_tick)
         for _ in range(100):

@@ -103,7 +103,8 @@ class Bystander:
             i += 1
 
     def assert_healthy(self) -> None:
-        """Still open, no errors, nothing dropped, and its output keeps coming."""
+        """Still open, no errors, nothing dropped, and its output keeps coming. (How far output
+        trails input depends on the machine's load, so that is left to the benchmarks.)"""
         result = self.client.result
         assert not self.client.closed and not result.errors, result.errors
         stats = self.conv.stats
@@ -113,7 +114,6 @@ class Bystander:
         if now - then > 2.0:  # time enough for many frames: the count must have grown
             assert received > before, f"bystander stalled: {received} frames after {now - then:.1f} s"
             self.checked = (now, received)
-        assert result.sent_frames - received <= 12, (result.sent_frames, received)  # no backlog
 
     def stop(self) -> None:
         self._stop.set()

@@ -238,7 +238,7 @@ async def test_oversized_message_closes_the_socket(server, session, agent):
 
 
 async def test_engine_failure_is_reported(server, session, agent, speech, monkeypatch):
-    def broken_tick(frames):
+    def broken_tick(frames, owners=None):
         raise RuntimeError("simulated failure")
     monkeypatch.setattr(agent.engine, "tick", broken_tick)
     client = await Client.connect(session, server)
