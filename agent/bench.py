@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -41,7 +42,7 @@ def run_bench(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    json_path = out / f"bench-{results['meta']['device_name'].replace(' ', '_')}-{stamp}.json"
+    json_path = out / f"bench-{results['meta']['device']}-{results['meta']['model'].split()[0]}-{stamp}.json"
     json_path.write_text(json.dumps(results, indent=1) + "\n")
     print(format_table(results))
     png = plot(results, json_path.with_suffix(".png"))
@@ -208,10 +209,20 @@ def _meta(device, cfg_name) -> dict:
     import torch
     import moshi
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        platform.processor() or platform.machine()) + f" x{torch.get_num_threads()} threads"
+        f"{_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     return {"date": datetime.date.today().isoformat(), "device": device.type, "device_name": name,
             "model": cfg_name, "torch": torch.__version__, "moshi": moshi.__version__,
             "python": platform.python_version()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _bandwidth_floor_ms(device) -> float:

@@ -183,6 +183,8 @@ async def test_browser_conversation(server, agent, fake_mic):
                 "/turns: you [1-9]/.test(document.querySelector('#turns').textContent)",
                 timeout=20_000)
             turns = await page.inner_text("#turns")
+            figures = " ".join((await page.inner_text(".metrics")).split())
+            print(f"\npage figures: {figures} | {await page.inner_text('#details')}")
             artifacts = ROOT / "artifacts"
             artifacts.mkdir(exist_ok=True)
             await page.screenshot(path=str(artifacts / "browser.png"), full_page=True)
