@@ -55,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    from agent.engine import CapacityError
     from checkpoints.loader import CheckpointError
     from streams.audio_file import AudioInputError
     try:
         return args.func(args)
-    except (CheckpointError, AudioInputError) as e:
+    except (CheckpointError, AudioInputError, CapacityError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,6 +24,45 @@ class EngineFull(Exception):
     """Every slot is taken."""
 
 
+class CapacityError(ValueError):
+    """More conversations were asked for than fit in the device's memory. The message says how
+    many fit."""
+
+
+# Per-conversation memory besides the KV caches (Mimi's streaming state, sampling buffers,
+# activations of one tick), and what the device keeps free for allocator slack and kernels.
+PER_SLOT_OVERHEAD_BYTES = 64 << 20
+RESERVED_BYTES = 1 << 30
+
+
+def bytes_per_conversation(cfg, dtype: torch.dtype) -> int:
+    """Memory one slot needs: the temporal ring KV cache (3000 steps x 32 layers for moshiko:
+    1.57 GB in bf16), the depformer's, and a fixed overhead."""
+    item = torch.empty((), dtype=dtype).element_size()
+    temporal = 2 * cfg.num_layers * cfg.dim * cfg.context * item
+    depth = 2 * cfg.depformer_num_layers * cfg.depformer_dim * cfg.dep_q * item
+    return temporal + depth + PER_SLOT_OVERHEAD_BYTES
+
+
+def conversations_that_fit(cfg, dtype: torch.dtype, free_bytes: int) -> int:
+    return max(0, (free_bytes - RESERVED_BYTES) // bytes_per_conversation(cfg, dtype))
+
+
+def free_device_memory(device: torch.device) -> int:
+    """Bytes the engine may still allocate on `device` (the weights are already loaded)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _capacity_message(cfg, dtype, free_bytes: int, asked: int) -> str:
+    fit = conversations_that_fit(cfg, dtype, free_bytes)
+    per = bytes_per_conversation(cfg, dtype)
+    return (f"{asked} conversations do not fit: {free_bytes / 2**30:.1f} GiB is free after the "
+            f"weights and each conversation needs {per / 2**30:.2f} GiB (its KV cache of "
+            f"{cfg.context} steps); at most {fit} fit here. Ask for --max-sessions {fit} or fewer.")
+
+
 @dataclass
 class FrameOut:
     """What one conversation gets back from one tick."""
@@ -41,14 +80,23 @@ class Slot:
 
 
 class Engine:
-    def __init__(self, bundle: AgentBundle, max_sessions: int):
+    def __init__(self, bundle: AgentBundle, max_sessions: int, free_bytes: int | None = None):
+        """`free_bytes` overrides the measured free device memory (for tests)."""
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         self.bundle = bundle
         self.cfg = bundle.config
         self.max_sessions = max_sessions
         self.device = bundle.model.text_linear.weight.device
-        self.lm = LMGen(bundle.model, max_sessions)
+        dtype = bundle.model.text_linear.weight.dtype
+        free = free_device_memory(self.device) if free_bytes is None else free_bytes
+        if max_sessions > conversations_that_fit(self.cfg, dtype, free):
+            raise CapacityError(_capacity_message(self.cfg, dtype, free, max_sessions))
+        try:
+            self.lm = LMGen(bundle.model, max_sessions)
+        except torch.OutOfMemoryError:  # the estimate was optimistic (fragmentation, other users)
+            raise CapacityError(_capacity_message(self.cfg, dtype, free_device_memory(self.device),
+                                                  max_sessions)) from None
         self.mimi = bundle.mimi
         self.mimi.streaming_forever(max_sessions)
         self.slots: list[Slot | None] = [None] * max_sessions

@@ -163,3 +163,37 @@ def test_stale_frame_for_a_reopened_slot_is_skipped(bundle):
     assert engine.slots[new_row].steps == 0
     out = engine.tick({new_row: frame}, owners={new_row: engine.slots[new_row]})
     assert out[new_row].step == 0
+
+
+def test_capacity_is_computed_and_an_oversized_engine_refused(bundle):
+    from agent.engine import CapacityError, bytes_per_conversation, conversations_that_fit
+
+    moshiko = LMConfig.moshiko()
+    # The real shape: 32 layers x 2 x 4096 x 3000 steps in bf16 = 1.57 GB of KV per conversation.
+    kv = 2 * 32 * 4096 * 3000 * 2
+    assert bytes_per_conversation(moshiko, torch.bfloat16) > kv
+    assert conversations_that_fit(moshiko, torch.bfloat16, 64 << 30) == (
+        ((64 << 30) - (1 << 30)) // bytes_per_conversation(moshiko, torch.bfloat16))
+    per = bytes_per_conversation(bundle.config, torch.float32)
+    free = (1 << 30) + 5 * per + 1
+    with pytest.raises(CapacityError, match="at most 5 fit"):
+        fresh_engine_with_memory(bundle, 6, free)
+    assert fresh_engine_with_memory(bundle, 5, free).max_sessions == 5
+
+
+def fresh_engine_with_memory(bundle, slots, free_bytes):
+    from checkpoints.tiny_random import build_tiny_mimi
+    b = type(bundle)(**{**bundle.__dict__, "mimi": build_tiny_mimi()})
+    return Engine(b, slots, free_bytes=free_bytes)
+
+
+def test_serve_with_too_many_sessions_says_how_many_fit():
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "run_agent.py"), "serve", "--checkpoint",
+                        "tiny-random", "--device", "cpu", "--port", "0", "--max-sessions",
+                        "10000000"], capture_output=True, text=True, timeout=120, cwd=root)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "conversations do not fit" in r.stderr and "--max-sessions" in r.stderr, r.stderr
