@@ -53,8 +53,16 @@ def run_bench(args) -> int:
 def bench(device, sessions: list[int], steps: int, reference: bool = True) -> dict:
     import torch
 
-    from agent.engine import Engine
+    from agent.engine import Engine, conversations_that_fit, free_device_memory
     bundle_factory, cfg_name = _model_factory(device)
+    probe = bundle_factory()
+    weights = probe.model.text_linear.weight
+    # Ours and the reference each hold a KV cache per conversation, one after the other.
+    fit = conversations_that_fit(probe.config, weights.dtype, free_device_memory(device))
+    if any(n > fit for n in sessions):
+        print(f"skipping {[n for n in sessions if n > fit]}: at most {fit} conversations fit")
+        sessions = [n for n in sessions if n <= fit]
+    del probe
     rows = []
     for n in sessions:
         for context in ("empty", "full"):
@@ -67,6 +75,7 @@ def bench(device, sessions: list[int], steps: int, reference: bool = True) -> di
                 _fill_context(engine, bundle)
             rows.append(_time_ours(engine, n, steps, context))
             del engine
+            bundle.model.caches = bundle.model.dep_caches = None  # free our KV before moshi's
             if reference:
                 rows.append(_time_reference(bundle_factory(), n, steps, context))
             if device.type == "cuda":
