@@ -175,5 +175,44 @@ class SamplingConfig:
         return self
 
 
-__all__ = ["LMConfig", "SamplingConfig", "PRESETS", "SAMPLE_RATE", "FRAME_RATE", "FRAME_SIZE",
+# Client-facing sampling parameters (the names kyutai's web UI sends), in the order they apply:
+# a later seed wins, so audio_seed beats text_seed.
+CLIENT_SAMPLING_PARAMS = (
+    ("text_temperature", "temp_text", float, 0.0, 10.0),
+    ("audio_temperature", "temp_audio", float, 0.0, 10.0),
+    ("text_topk", "top_k_text", int, 0, 1_000_000),
+    ("audio_topk", "top_k_audio", int, 0, 1_000_000),
+    ("seed", "seed", int, 0, 2**63 - 1),
+    ("text_seed", "seed", int, 0, 2**63 - 1),
+    ("audio_seed", "seed", int, 0, 2**63 - 1),
+)
+
+
+def sampling_from_params(params, defaults: SamplingConfig, strings: bool) -> SamplingConfig:
+    """A client's sampling parameters on top of the checkpoint's defaults: URL query strings
+    (`strings=True`) or JSON numbers. Raises ValueError with a message for the client."""
+    import math
+    changes = {}
+    for name, field, kind, low, high in CLIENT_SAMPLING_PARAMS:
+        raw = params.get(name)
+        if raw is None:
+            continue
+        what = "an integer" if kind is int else "a number"
+        if strings:
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ValueError(f"{name}={raw!r} is not {what}") from None
+        else:
+            if not isinstance(raw, (int, float)) or isinstance(raw, bool) or (
+                    kind is int and not float(raw).is_integer()):
+                raise ValueError(f"{name} must be {what}, got {raw!r}")
+            value = raw
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ValueError(f"{name}={raw!r} must be between {low} and {high}")
+        changes[field] = kind(value)
+    return dataclasses.replace(defaults, **changes)
+
+
+__all__ = ["CLIENT_SAMPLING_PARAMS", "sampling_from_params", "LMConfig", "SamplingConfig", "PRESETS", "SAMPLE_RATE", "FRAME_RATE", "FRAME_SIZE",
            "TEXT_PAD_ID", "TEXT_EPAD_ID"]

@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import weakref
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import sphn
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from agent.api import AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut
-from agent.config import SAMPLE_RATE, SamplingConfig
+from agent.config import SAMPLE_RATE, sampling_from_params
 from streams.security import ConversationTracker, Policy
 
 log = logging.getLogger(__name__)
@@ -63,31 +62,6 @@ class ChatCounters:
     ended_by_limits: int = 0  # idle or too long
 
 
-def sampling_from_query(query, defaults: SamplingConfig) -> SamplingConfig:
-    """The moshi web client's query parameters on top of the checkpoint's defaults.
-    Raises ValueError with a message for the client."""
-    changes = {}
-    for name, field, parse, low, high in (
-            ("text_temperature", "temp_text", float, 0.0, 10.0),
-            ("audio_temperature", "temp_audio", float, 0.0, 10.0),
-            ("text_topk", "top_k_text", int, 0, 1_000_000),
-            ("audio_topk", "top_k_audio", int, 0, 1_000_000),
-            ("text_seed", "seed", int, 0, 2**63 - 1),
-            ("audio_seed", "seed", int, 0, 2**63 - 1)):  # after text_seed: audio_seed wins
-        raw = query.get(name)
-        if raw is None:
-            continue
-        try:
-            value = parse(raw)
-        except ValueError:
-            kind = "an integer" if parse is int else "a number"
-            raise ValueError(f"query parameter {name}={raw!r} is not {kind}") from None
-        if not (math.isfinite(value) and low <= value <= high):
-            raise ValueError(f"query parameter {name}={raw!r} must be between {low} and {high}")
-        changes[field] = value
-    return replace(defaults, **changes)
-
-
 class MoshiChat:
     """The `/api/chat` handler of one server, with its counters and open sockets."""
 
@@ -106,7 +80,8 @@ class MoshiChat:
         self.counters.connections += 1
         client = request.remote or "unknown"
         try:
-            sampling = sampling_from_query(request.query, self.agent.sampling_defaults)
+            sampling = sampling_from_params(request.query, self.agent.sampling_defaults,
+                                            strings=True)
         except ValueError as e:
             self.counters.bad_requests += 1
             self.metrics.refused("bad_input")

@@ -19,10 +19,8 @@ import asyncio
 import fractions
 import json
 import logging
-import math
 import time
 from collections import deque
-from dataclasses import replace
 
 import numpy as np
 import soxr
@@ -32,7 +30,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
 from agent.api import AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut
-from agent.config import SAMPLE_RATE, SamplingConfig
+from agent.config import SAMPLE_RATE, sampling_from_params
 
 log = logging.getLogger(__name__)
 
@@ -273,30 +271,6 @@ class PeerSession:
 
 
 # JSON field, SamplingConfig field, type, bounds: the names of moshi's web client.
-SAMPLING_FIELDS = (("text_temperature", "temp_text", float, 0.0, 10.0),
-                   ("audio_temperature", "temp_audio", float, 0.0, 10.0),
-                   ("text_topk", "top_k_text", int, 0, 1_000_000),
-                   ("audio_topk", "top_k_audio", int, 0, 1_000_000),
-                   ("seed", "seed", int, 0, 2**63 - 1))
-
-
-def sampling_from_json(params: dict, defaults: SamplingConfig) -> SamplingConfig:
-    """The offer's optional sampling fields on top of the checkpoint's defaults.
-    Raises ValueError with a message for the client."""
-    changes = {}
-    for name, field, kind, low, high in SAMPLING_FIELDS:
-        value = params.get(name)
-        if value is None:
-            continue
-        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not is_number or (kind is int and not float(value).is_integer()):
-            raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-        if not (math.isfinite(value) and low <= value <= high):
-            raise ValueError(f"{name} must be between {low} and {high}, got {value!r}")
-        changes[field] = kind(value)
-    return replace(defaults, **changes)
-
-
 def _bad_request(message: str) -> web.Response:
     return web.json_response({"error": message}, status=400)  # the shape of server.refuse_full
 
@@ -315,7 +289,7 @@ def setup_routes(app: web.Application, agent) -> None:
         if params.get("type", "offer") != "offer":
             return _bad_request(f"\"type\" must be \"offer\", got {params.get('type')!r}")
         try:
-            sampling = sampling_from_json(params, agent.sampling_defaults)
+            sampling = sampling_from_params(params, agent.sampling_defaults, strings=False)
         except ValueError as e:
             return _bad_request(str(e))
 
