@@ -15,28 +15,21 @@ uneven blocks, far end first, as a live session feeds it.
 """
 from __future__ import annotations
 
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
-import soundfile
-import soxr
 
 from streams.aec import EchoCanceller, PassThrough
+from tests.helpers import espeak, needs_espeak
 
 RATE = 48_000
 DURATION = 12.0
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("espeak-ng") is None,
-    reason="espeak-ng is needed (bash scripts/setup.sh test installs it)")
+pytestmark = needs_espeak
 
 
-def espeak(text: str, voice: str, path) -> np.ndarray:
-    subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True)
-    pcm, rate = soundfile.read(str(path), dtype="float32")
-    pcm = soxr.resample(pcm, rate, RATE).astype(np.float32)
+def speech(text: str, voice: str, path) -> np.ndarray:
+    pcm = espeak(text, voice, path, RATE)
     loud = np.flatnonzero(np.abs(pcm) > 0.01)
     return pcm[loud[0]:loud[-1] + 1]
 
@@ -111,12 +104,12 @@ def spectrogram_correlation(ref: np.ndarray, out: np.ndarray, mask: np.ndarray) 
 def voices(tmp_path_factory):
     d = tmp_path_factory.mktemp("voices")
     return {
-        "agent1": espeak("The weather today is sunny with a light breeze from the west, and "
+        "agent1": speech("The weather today is sunny with a light breeze from the west, and "
                          "tomorrow looks much the same.", "en-us", d / "a1.wav"),
-        "agent2": espeak("I can also tell you about the news, sports, or anything else.",
+        "agent2": speech("I can also tell you about the news, sports, or anything else.",
                          "en-us", d / "a2.wav"),
-        "user1": espeak("Wait, what about the weekend?", "en-gb-x-rp+f3", d / "u1.wav"),
-        "user2": espeak("No, stop, tell me about sports.", "en-gb-x-rp+f3", d / "u2.wav"),
+        "user1": speech("Wait, what about the weekend?", "en-gb-x-rp+f3", d / "u1.wav"),
+        "user2": speech("No, stop, tell me about sports.", "en-gb-x-rp+f3", d / "u2.wav"),
     }
 
 

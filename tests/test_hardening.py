@@ -24,6 +24,7 @@ from aiohttp import web
 from agent.api import Agent, AudioOut, ErrorOut
 from agent.config import FRAME_SIZE, SAMPLE_RATE
 from streams.loadtest import ClientResult, MoshiClient, scrape_metrics
+from tests.helpers import start_serve
 from streams.security import Policy, RedactingAccessLogger
 from streams.server import create_app
 
@@ -519,20 +520,11 @@ async def test_serve_command_with_tls_and_token(session, tmp_path):
     output, _ = await asyncio.wait_for(bad.communicate(), 60)
     assert bad.returncode == 2 and b"--ssl-key" in output
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(repo / "run_agent.py"), "serve", "--checkpoint", "tiny-random",
-        "--device", "cpu", "--port", "0", "--max-sessions", "1", "--ssl-cert", cert,
-        "--ssl-key", key, "--auth-token", TOKEN, "--idle-timeout", "30",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    banner = re.compile(rb"serving on (https://127\.0\.0\.1:\d+)")
+    proc, base, _ = await start_serve(
+        "--checkpoint", "tiny-random", "--device", "cpu", "--port", "0", "--max-sessions", "1",
+        "--ssl-cert", cert, "--ssl-key", key, "--auth-token", TOKEN, "--idle-timeout", "30",
+        scheme="https")
     try:
-        output = b""
-        async with asyncio.timeout(60):
-            while not (match := banner.search(output)):
-                line = await proc.stdout.readline()
-                assert line, f"serve exited early:\n{output.decode()}"
-                output += line
-        base = match.group(1).decode()
         trusting = ssl.create_default_context(cafile=cert)
         with pytest.raises(ConnectionError, match="HTTP 401"):
             await connect(session, base, ssl=trusting)

@@ -6,7 +6,6 @@ conversation slots. Clients speak Ogg/Opus with sphn, as the moshi web client do
 """
 import asyncio
 import json
-import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +24,7 @@ from aiohttp import web
 from agent.api import Agent
 from agent.config import FRAME_SIZE, SAMPLE_RATE
 from streams.server import create_app, refuse_full
+from tests.helpers import start_serve
 
 REPO = Path(__file__).resolve().parents[1]
 CAPACITY = 3
@@ -309,19 +309,10 @@ def test_app_without_webrtc_module(agent, monkeypatch, caplog):
 
 
 async def test_serve_command(session):
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(REPO / "run_agent.py"), "serve", "--checkpoint", "tiny-random",
-        "--port", "0", "--device", "cpu", "--max-sessions", "2",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    banner = re.compile(rb"serving on (http://127\.0\.0\.1:\d+) \(2 conversations max\)")
+    proc, url, output = await start_serve("--checkpoint", "tiny-random", "--port", "0",
+                                          "--device", "cpu", "--max-sessions", "2")
     try:
-        output = b""
-        async with asyncio.timeout(60):
-            while not (match := banner.search(output)):
-                line = await proc.stdout.readline()
-                assert line, f"serve exited early:\n{output.decode()}"
-                output += line
-        url = match.group(1).decode()
+        assert b"(2 conversations max)" in output
         client = await Client.connect(session, url)
         assert await client.wait_for(lambda: client.messages)
         stats = await get_stats(session, url)

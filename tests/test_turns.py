@@ -5,8 +5,6 @@ Ground truth comes from each placed clip's own energy envelope (first and last 1
 """
 from __future__ import annotations
 
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -14,20 +12,17 @@ import soundfile
 import soxr
 
 from agent.turns import TurnTaking
+from tests.helpers import espeak, needs_espeak
 
 RATE = 24_000
 TOL = 0.045  # 1.5 VAD frames: segment edges fall on the 30 ms frame grid
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("espeak-ng") is None,
-    reason="espeak-ng is needed (bash scripts/setup.sh test installs it)")
+pytestmark = needs_espeak
 
 
-def espeak(text: str, voice: str, path) -> np.ndarray:
+def speech(text: str, voice: str, path) -> np.ndarray:
     """Speech at RATE with leading and trailing silence cut off."""
-    subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True)
-    pcm, rate = soundfile.read(str(path), dtype="float32")
-    pcm = soxr.resample(pcm, rate, RATE).astype(np.float32)
+    pcm = espeak(text, voice, path, RATE)
     start, end = span(pcm)
     return pcm[int(start * RATE):int(end * RATE)]
 
@@ -72,12 +67,12 @@ def scripted(tmp_path, user: np.ndarray, agent: np.ndarray) -> TurnTaking:
 def clips(tmp_path_factory):
     d = tmp_path_factory.mktemp("speech")
     return {
-        "question": espeak("Could you tell me the weather for tomorrow", "en-us", d / "q.wav"),
-        "answer": espeak("Tomorrow will be sunny and warm all day long", "en-gb-x-rp+f3",
+        "question": speech("Could you tell me the weather for tomorrow", "en-us", d / "q.wav"),
+        "answer": speech("Tomorrow will be sunny and warm all day long", "en-gb-x-rp+f3",
                          d / "a.wav"),
-        "story": espeak("Once upon a time there was a little robot who lived in a big old "
+        "story": speech("Once upon a time there was a little robot who lived in a big old "
                         "house by the sea", "en-gb-x-rp+f3", d / "s.wav"),
-        "stop": espeak("Wait a moment please", "en-us", d / "w.wav"),
+        "stop": speech("Wait a moment please", "en-us", d / "w.wav"),
     }
 
 

@@ -1,0 +1,42 @@
+"""Small pieces several test files share: espeak-ng speech, and starting `run_agent.py serve`."""
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import soxr
+
+ROOT = Path(__file__).resolve().parents[1]
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                  reason="espeak-ng is needed (bash scripts/setup.sh test installs it)")
+
+
+def espeak(text: str, voice: str, path, rate: int) -> np.ndarray:
+    """espeak-ng speech as float32 mono at `rate`, silence included (`path` is scratch)."""
+    subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True)
+    pcm, rate_in = soundfile.read(str(path), dtype="float32")
+    return soxr.resample(pcm, rate_in, rate).astype(np.float32)
+
+
+async def start_serve(*args: str, scheme: str = "http"):
+    """Start `run_agent.py serve ARGS` and wait for its banner; returns (process, base URL,
+    everything it printed so far)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "run_agent.py"), "serve", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    banner = re.compile(rb"serving on (" + scheme.encode() + rb"://127\.0\.0\.1:\d+)")
+    output = b""
+    async with asyncio.timeout(60):
+        while not (match := banner.search(output)):
+            line = await proc.stdout.readline()
+            assert line, f"serve exited early:\n{output.decode()}"
+            output += line
+    return proc, match.group(1).decode(), output
