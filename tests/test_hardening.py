@@ -62,12 +62,6 @@ async def start_server(agent, tmp_path):
     assert agent.active == 0
 
 
-@pytest.fixture
-async def session():
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        yield session
-
-
 def chat_url(base: str) -> str:
     return base.replace("http", "ws", 1) + "/api/chat"
 

@@ -64,12 +64,6 @@ async def server(agent, tmp_path):
     assert agent.active == 0
 
 
-@pytest.fixture
-async def session():
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        yield session
-
-
 class Client:
     """A moshi-protocol client: sends Ogg/Opus, records everything the server sends."""
 
