@@ -1,5 +1,8 @@
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # moshi's lazy torch.compile costs 20+ s on the first step; tests run eager.
@@ -26,3 +29,28 @@ async def session():
     import aiohttp
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
         yield session
+
+
+@pytest.fixture(scope="module")
+def pulse():
+    """Environment for child processes that talk to a private PulseAudio daemon."""
+    runtime = tempfile.mkdtemp(prefix="pulse-test-")
+    os.chmod(runtime, 0o700)
+    # One torch thread: the tiny model needs no more, and on a small shared CPU torch's spinning
+    # worker threads can slow a step from 10 ms to 500 ms when another process is busy.
+    env = dict(os.environ, XDG_RUNTIME_DIR=runtime, NO_TORCH_COMPILE="1", OMP_NUM_THREADS="1")
+    env.pop("PULSE_SERVER", None)
+    subprocess.run(
+        ["pulseaudio", "-D", "-n", "--exit-idle-time=-1", "--disallow-exit", "--system=false",
+         "--load=module-native-protocol-unix",
+         "--load=module-null-sink sink_name=speakers",
+         "--load=module-null-sink sink_name=micfeed"],
+        env=env, check=True, capture_output=True, timeout=30)
+    try:
+        for cmd in (["pactl", "set-default-sink", "speakers"],
+                    ["pactl", "set-default-source", "micfeed.monitor"]):
+            subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=10)
+        yield env
+    finally:
+        subprocess.run(["pulseaudio", "--kill"], env=env, capture_output=True, timeout=10)
+        shutil.rmtree(runtime, ignore_errors=True)

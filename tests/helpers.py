@@ -40,3 +40,18 @@ async def start_serve(*args: str, scheme: str = "http"):
             assert line, f"serve exited early:\n{output.decode()}"
             output += line
     return proc, match.group(1).decode(), output
+
+
+def _portaudio_present() -> bool:
+    try:
+        import sounddevice  # noqa: F401  (loads the system libportaudio)
+    except OSError:
+        return False
+    return True
+
+
+needs_pulse = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("pulseaudio", "pactl", "paplay", "parec", "espeak-ng"))
+    or not _portaudio_present(),
+    reason="needs pulseaudio, pulseaudio-utils, libportaudio2, libasound2-plugins and espeak-ng "
+           "(bash scripts/setup.sh test installs them)")

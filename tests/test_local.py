@@ -7,13 +7,10 @@ PulseAudio through the ALSA `pulse` plugin (libasound2-plugins).
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,45 +23,7 @@ import soxr
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCE = "Hello agent, can you hear me over the virtual microphone?"
 
-
-def _portaudio_present() -> bool:
-    try:
-        import sounddevice  # noqa: F401  (loads the system libportaudio)
-    except OSError:
-        return False
-    return True
-
-
-needs_pulse = pytest.mark.skipif(
-    not all(shutil.which(t) for t in ("pulseaudio", "pactl", "paplay", "parec", "espeak-ng"))
-    or not _portaudio_present(),
-    reason="needs pulseaudio, pulseaudio-utils, libportaudio2, libasound2-plugins and espeak-ng "
-           "(bash scripts/setup.sh test installs them)")
-
-
-@pytest.fixture(scope="module")
-def pulse():
-    """Environment for child processes that talk to a private PulseAudio daemon."""
-    runtime = tempfile.mkdtemp(prefix="pulse-test-")
-    os.chmod(runtime, 0o700)
-    # One torch thread: the tiny model needs no more, and on a small shared CPU torch's spinning
-    # worker threads can slow a step from 10 ms to 500 ms when another process is busy.
-    env = dict(os.environ, XDG_RUNTIME_DIR=runtime, NO_TORCH_COMPILE="1", OMP_NUM_THREADS="1")
-    env.pop("PULSE_SERVER", None)
-    subprocess.run(
-        ["pulseaudio", "-D", "-n", "--exit-idle-time=-1", "--disallow-exit", "--system=false",
-         "--load=module-native-protocol-unix",
-         "--load=module-null-sink sink_name=speakers",
-         "--load=module-null-sink sink_name=micfeed"],
-        env=env, check=True, capture_output=True, timeout=30)
-    try:
-        for cmd in (["pactl", "set-default-sink", "speakers"],
-                    ["pactl", "set-default-source", "micfeed.monitor"]):
-            subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=10)
-        yield env
-    finally:
-        subprocess.run(["pulseaudio", "--kill"], env=env, capture_output=True, timeout=10)
-        shutil.rmtree(runtime, ignore_errors=True)
+from tests.helpers import needs_pulse  # noqa: E402  (the `pulse` fixture is in conftest)
 
 
 @pytest.fixture(scope="module")
