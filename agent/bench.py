@@ -221,6 +221,7 @@ def _meta(device, cfg_name) -> dict:
         f"{_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     return {"date": datetime.date.today().isoformat(), "device": device.type, "device_name": name,
             "model": cfg_name, "torch": torch.__version__, "moshi": moshi.__version__,
+            "kernels": os.environ.get("AGENT_KERNELS", "auto"),
             "python": platform.python_version()}
 
 
