@@ -74,8 +74,7 @@ class FrameOut:
 
 @dataclass
 class Slot:
-    sampling: SamplingConfig
-    seed: int
+    sampling: SamplingConfig  # with its seed decided
     steps: int = 0
 
 
@@ -103,6 +102,9 @@ class Engine:
         self._pending_reset: set[int] = set()
         self._lock = threading.Lock()  # open/close may come from other threads than tick
         self._pcm_in = torch.zeros(max_sessions, 1, FRAME_SIZE, device=self.device)
+        # Frames are gathered on the host, then cross to the device in one copy.
+        self._pcm_host = self._pcm_in if self.device.type == "cpu" else torch.zeros(
+            max_sessions, 1, FRAME_SIZE, pin_memory=True)
         self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
         self._no_text = {self.cfg.text_pad_id, self.cfg.text_epad_id}
         # Benchmarks set `profile` to time the stages (it synchronises the device between them).
@@ -125,7 +127,7 @@ class Engine:
             if not free:
                 raise EngineFull(f"all {self.max_sessions} conversation slots are in use")
             row = free[0]
-            self.slots[row] = Slot(sampling, sampling.seed)
+            self.slots[row] = Slot(sampling)
             self._pending_reset.add(row)
         return row
 
@@ -160,27 +162,30 @@ class Engine:
         frames = {row: frames[row] for row in slots}
         if not frames:
             return {}
-        exec_mask = torch.zeros(self.max_sessions, dtype=torch.bool)
-        exec_mask[list(frames)] = True
-        self._pcm_in.zero_()
+        rows = list(frames)
+        # Which rows run, and which are past the model's delays (their first frame returns no
+        # audio), is known here on the host: no device round trip until the results are read.
+        ready_rows = [row for row in rows if slots[row].steps >= self.cfg.max_delay]
+        exec_mask = self._row_mask(rows)
+        self._pcm_host.zero_()
         for row, pcm in frames.items():
-            self._pcm_in[row, 0] = torch.as_tensor(pcm, dtype=torch.float32)
-        exec_mask = exec_mask.to(self.device)
+            self._pcm_host[row, 0] = torch.as_tensor(pcm, dtype=torch.float32)
+        if self._pcm_host is not self._pcm_in:
+            self._pcm_in.copy_(self._pcm_host, non_blocking=True)
 
         t0 = self._mark()
         self.mimi.set_exec_mask(exec_mask)
         codes = self.mimi.encode(self._pcm_in)[:, :, 0]  # [B, 8]
         t1 = self._mark()
-        out = self.lm.step(codes, exec_mask).tokens  # [B, 9]
+        out = self.lm.step(codes, exec_mask, rows=rows).tokens  # [B, 9]
         t2 = self._mark()
-        ready = exec_mask & (out[:, 0] >= 0)
         pcm_out = None
-        if bool(ready.any()):
+        if ready_rows:
+            ready = self._row_mask(ready_rows)
             self.mimi.set_exec_mask(ready)
             agent_codes = torch.where(ready.view(-1, 1), out[:, 1:], torch.zeros_like(out[:, 1:]))
             pcm_out = self.mimi.decode(agent_codes.unsqueeze(-1))[:, 0].float().cpu().numpy()
         out = out.cpu()
-        ready = ready.cpu()
         if self.profile:
             t3 = self._mark()
             self.last_timings = {"encode": (t1 - t0) * 1e3, "lm": (t2 - t1) * 1e3,
@@ -190,10 +195,15 @@ class Engine:
         for row, slot in slots.items():
             text_id = int(out[row, 0])
             results[row] = FrameOut(
-                pcm=pcm_out[row].copy() if bool(ready[row]) else self._silence.copy(),
+                pcm=pcm_out[row].copy() if row in ready_rows else self._silence.copy(),
                 text_id=text_id, text=self.piece(text_id), step=slot.steps)
             slot.steps += 1
         return results
+
+    def _row_mask(self, rows: list[int]) -> torch.Tensor:
+        mask = torch.zeros(self.max_sessions, dtype=torch.bool)
+        mask[rows] = True
+        return mask.to(self.device, non_blocking=True)
 
     def _mark(self) -> float:
         if self.profile and self.device.type == "cuda":

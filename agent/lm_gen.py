@@ -63,8 +63,9 @@ class LMGen:
 
     @torch.no_grad()
     def step(self, user_codes: torch.Tensor, exec_mask: torch.Tensor,
-             return_logits: bool = False) -> StepOutput:
-        """user_codes [B, 8] (rows not executing may hold anything), exec_mask [B] bool."""
+             return_logits: bool = False, rows: list[int] | None = None) -> StepOutput:
+        """user_codes [B, 8] (rows not executing may hold anything), exec_mask [B] bool.
+        `rows` lists the executing rows when the caller knows them: it saves a device sync."""
         cfg, model, CT = self.cfg, self.model, self.ring
         n_gen = 1 + cfg.dep_q
         exec_col = exec_mask.view(-1, 1)
@@ -83,7 +84,8 @@ class LMGen:
         tokens = torch.where(is_init, self.initial, tokens)
 
         # 3. temporal transformer, text sample, 8 depformer sub-steps.
-        rows = exec_mask.nonzero().view(-1).tolist()  # one host sync, not one per row
+        if rows is None:
+            rows = exec_mask.nonzero().view(-1).tolist()
         h, text_logits = model.forward_temporal(tokens, self.offsets, exec_mask)
         text = self.text_sampler.sample(text_logits, self.generators, rows)
         prev, audio, audio_logits = text, [], []

@@ -117,7 +117,7 @@ async def test_voice_track_paces_buffers_and_counts():
 
     t0 = time.monotonic()
     frames = [await track.recv() for _ in range(10)]
-    assert 0.15 < time.monotonic() - t0 < 0.4  # 9 paced waits of 20 ms
+    assert time.monotonic() - t0 > 0.15  # 9 paced waits of 20 ms: not faster than real time
     assert all(f.sample_rate == 48_000 and f.samples == 960 and f.format.name == "s16" for f in frames)
     assert not any(f.to_ndarray().any() for f in frames)  # nothing fed yet: silence, no underrun
     assert track.underruns == 0

@@ -239,7 +239,7 @@ async def test_idle_conversation_is_closed(start_server, session, agent):
         if idle.closed:
             break
     assert await wait_until(lambda: idle.closed, 3)
-    assert 0.5 < time.monotonic() - t0 < 2.5
+    assert time.monotonic() - t0 > 0.5  # not before its timeout (that it fires is waited for above)
     assert "0.6 s without audio" in idle.result.errors[0]
     assert not busy.closed
     await busy.close()
@@ -257,7 +257,7 @@ async def test_maximum_conversation_length(start_server, session, agent):
         await client.send_frame(frame)
         await asyncio.sleep(FRAME_S)
     assert await wait_until(lambda: client.closed, 3)
-    assert 0.9 < time.monotonic() - t0 < 2.5
+    assert time.monotonic() - t0 > 0.9  # not before its limit
     assert "maximum length of 1 s" in client.result.errors[0]
     assert client.result.received_frames > 5  # it was served until then
     assert await wait_until(lambda: agent.active == 0)
