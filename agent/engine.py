@@ -177,7 +177,7 @@ class Engine:
         self.mimi.set_exec_mask(exec_mask)
         codes = self.mimi.encode(self._pcm_in)[:, :, 0]  # [B, 8]
         t1 = self._mark()
-        out = self.lm.step(codes, exec_mask, rows=rows).tokens  # [B, 9]
+        out = self.lm.step(codes, exec_mask).tokens  # [B, 9]
         t2 = self._mark()
         pcm_out = None
         if ready_rows:

@@ -18,7 +18,7 @@ import torch
 
 from agent.config import SamplingConfig
 from agent.model import MoshiLM
-from agent.sampling import RowSampler
+from agent.sampling import BatchSampler
 
 UNGENERATED = -2
 
@@ -31,7 +31,11 @@ class StepOutput:
 
 
 class LMGen:
-    def __init__(self, model: MoshiLM, batch: int):
+    """B rows of streaming generation over one model. Every tensor the step touches is allocated
+    here once (static shapes and addresses), so on CUDA the step is captured as one CUDA graph and
+    replayed each tick; `AGENT_CUDA_GRAPHS=0` runs it eagerly instead."""
+
+    def __init__(self, model: MoshiLM, batch: int, cuda_graph: bool | None = None):
         cfg = self.cfg = model.cfg
         self.model = model
         device = model.text_linear.weight.device
@@ -44,71 +48,111 @@ class LMGen:
         self.delays = torch.tensor(cfg.delays, dtype=torch.long, device=device)
         self.initial = torch.tensor([cfg.text_init_id] + [cfg.audio_init_id] * cfg.n_q,
                                     dtype=torch.long, device=device).view(1, -1)
-        self.text_sampler = RowSampler(batch, device)
-        self.audio_sampler = RowSampler(batch, device)
-        self.generators = [torch.Generator(device=device) for _ in range(batch)]
-        self.rows = torch.arange(batch, device=device)
+        self.text_sampler = BatchSampler(batch, device)
+        self.audio_sampler = BatchSampler(batch, device)
+        # Static inputs and output of one step.
+        self._user_codes = torch.zeros(batch, cfg.num_user_codebooks, dtype=torch.long, device=device)
+        self._exec_mask = torch.zeros(batch, dtype=torch.bool, device=device)
+        self._out = torch.full((batch, 1 + cfg.dep_q), UNGENERATED, dtype=torch.long, device=device)
+        if cuda_graph is None:
+            cuda_graph = os.environ.get("AGENT_CUDA_GRAPHS", "1") != "0"
+        self.cuda_graph = cuda_graph and device.type == "cuda"
+        self._graph = None
 
     def reset(self, row: int, sampling: SamplingConfig = SamplingConfig()) -> int:
         """Start a new conversation in `row`; returns the seed used. Nothing of the row's previous
-        conversation stays reachable: offsets restart at 0, and KV slots are masked until rewritten."""
+        conversation stays reachable: offsets restart at 0, and KV slots are masked until rewritten.
+        Only writes into the static tensors, so a captured graph stays valid."""
         sampling = sampling.validated()
         self.offsets[row] = 0
         self.cache[row] = UNGENERATED
         seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(6), "little")
-        self.generators[row].manual_seed(seed)
-        self.text_sampler.configure(row, sampling.temp_text, sampling.top_k_text, sampling.greedy)
-        self.audio_sampler.configure(row, sampling.temp_audio, sampling.top_k_audio, sampling.greedy)
+        self.text_sampler.configure(row, seed, sampling.temp_text, sampling.top_k_text,
+                                    sampling.greedy)
+        self.audio_sampler.configure(row, seed, sampling.temp_audio, sampling.top_k_audio,
+                                     sampling.greedy)
         return seed
 
     @torch.no_grad()
     def step(self, user_codes: torch.Tensor, exec_mask: torch.Tensor,
-             return_logits: bool = False, rows: list[int] | None = None) -> StepOutput:
-        """user_codes [B, 8] (rows not executing may hold anything), exec_mask [B] bool.
-        `rows` lists the executing rows when the caller knows them: it saves a device sync."""
+             return_logits: bool = False) -> StepOutput:
+        """user_codes [B, 8] (rows not executing may hold anything), exec_mask [B] bool."""
+        self._user_codes.copy_(user_codes)
+        self._exec_mask.copy_(exec_mask)
+        if return_logits:  # logits are for tests and tools: always eager
+            text_logits, audio_logits = self._step(return_logits=True)
+            return StepOutput(self._out.clone(), text_logits, audio_logits)
+        if self.cuda_graph:
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+        else:
+            self._step()
+        return StepOutput(self._out.clone())
+
+    def _capture(self) -> None:
+        """Warm up (Triton compiles, lazily built tables) and capture `_step` with no row
+        executing: such a step changes no state, so capturing is invisible to the conversations."""
+        exec_mask = self._exec_mask.clone()
+        self._exec_mask.zero_()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        self._graph = graph
+        self._exec_mask.copy_(exec_mask)
+
+    def _step(self, return_logits: bool = False):
+        """One step on the static tensors. No host sync and no data-dependent Python control flow:
+        this is what the CUDA graph records."""
         cfg, model, CT = self.cfg, self.model, self.ring
         n_gen = 1 + cfg.dep_q
+        exec_mask, offsets = self._exec_mask, self.offsets
         exec_col = exec_mask.view(-1, 1)
 
         # 1. user codes enter the ring at their delayed positions.
-        user_pos = (self.offsets.view(-1, 1) + self.delays[n_gen:].view(1, -1)) % CT
+        user_pos = (offsets.view(-1, 1) + self.delays[n_gen:].view(1, -1)) % CT
         user_view = self.cache[:, n_gen:]
         old = user_view.gather(-1, user_pos.unsqueeze(-1)).squeeze(-1)
         user_view.scatter_(-1, user_pos.unsqueeze(-1),
-                           torch.where(exec_col, user_codes, old).unsqueeze(-1))
+                           torch.where(exec_col, self._user_codes, old).unsqueeze(-1))
 
         # 2. model input: this offset's column, initial tokens where the delay is not yet met.
-        col = (self.offsets % CT).view(-1, 1, 1).expand(-1, cfg.num_codebooks, 1)
+        col = (offsets % CT).view(-1, 1, 1).expand(-1, cfg.num_codebooks, 1)
         tokens = self.cache.gather(-1, col).squeeze(-1)
-        is_init = (self.offsets.view(-1, 1) <= self.delays.view(1, -1)) | ~exec_col
+        is_init = (offsets.view(-1, 1) <= self.delays.view(1, -1)) | ~exec_col
         tokens = torch.where(is_init, self.initial, tokens)
 
-        # 3. temporal transformer, text sample, 8 depformer sub-steps.
-        if rows is None:
-            rows = exec_mask.nonzero().view(-1).tolist()
-        h, text_logits = model.forward_temporal(tokens, self.offsets, exec_mask)
-        text = self.text_sampler.sample(text_logits, self.generators, rows)
+        # 3. temporal transformer, text sample, 8 depformer sub-steps. The step number is the
+        # sampling counter: a row's draws depend on its own progress only.
+        h, text_logits = model.forward_temporal(tokens, offsets, exec_mask)
+        text = self.text_sampler.sample(text_logits, offsets, stream=0)
         prev, audio, audio_logits = text, [], []
         for step in range(cfg.dep_q):
             logits = model.forward_depformer(step, h, prev, exec_mask)
-            prev = self.audio_sampler.sample(logits, self.generators, rows)
+            prev = self.audio_sampler.sample(logits, offsets, stream=1 + step)
             audio.append(prev)
             if return_logits:
                 audio_logits.append(logits.float())
 
         # 4. generated tokens enter the ring at offset + 1.
-        self.offsets = torch.where(exec_mask, self.offsets + 1, self.offsets)
-        gen_pos = (self.offsets % CT).view(-1, 1).expand(-1, n_gen)
+        offsets.add_(exec_mask.long())
+        gen_pos = (offsets % CT).view(-1, 1).expand(-1, n_gen)
         generated = torch.stack([text] + audio, dim=1)
         gen_view = self.cache[:, :n_gen]
         old = gen_view.gather(-1, gen_pos.unsqueeze(-1)).squeeze(-1)
         gen_view.scatter_(-1, gen_pos.unsqueeze(-1), torch.where(exec_col, generated, old).unsqueeze(-1))
 
         # 5. undelayed output frame.
-        out_pos = (self.offsets.view(-1, 1) - cfg.max_delay + self.delays[:n_gen].view(1, -1)) % CT
+        out_pos = (offsets.view(-1, 1) - cfg.max_delay + self.delays[:n_gen].view(1, -1)) % CT
         out = gen_view.gather(-1, out_pos.unsqueeze(-1)).squeeze(-1)
-        not_ready = (self.offsets <= cfg.max_delay) | ~exec_mask
-        out = torch.where(not_ready.view(-1, 1), torch.full_like(out, UNGENERATED), out)
-        if not return_logits:
-            return StepOutput(out)
-        return StepOutput(out, text_logits.float(), torch.stack(audio_logits, dim=1))
+        not_ready = (offsets <= cfg.max_delay) | ~exec_mask
+        self._out.copy_(torch.where(not_ready.view(-1, 1), UNGENERATED, out))
+        if return_logits:
+            return text_logits.float(), torch.stack(audio_logits, dim=1)
+        return None

@@ -94,24 +94,22 @@ def test_greedy_logits_and_tokens_match_reference(reference_and_ours):
     assert len(set(text_tokens.tolist())) > 5
 
 
-def test_seeded_sampling_matches_reference(reference_and_ours):
-    """Same seed -> the same sampled tokens as moshi's sampler seeded with torch.manual_seed."""
-    cfg, ref, ours = reference_and_ours
+def test_seeded_sampling_is_reproducible(reference_and_ours):
+    """Same seed -> the same sampled conversation; the sampler's distribution is the reference's
+    (tests/test_sampling.py), its random stream is ours (counter-based, batch-independent)."""
+    cfg, _, ours = reference_and_ours
     codes = _user_codes(cfg, 40, seed=11)
     sampling = SamplingConfig(temp_text=0.7, top_k_text=25, temp_audio=0.8, top_k_audio=50, seed=99)
-    torch.manual_seed(99)
-    _, _, ref_frames = _run_reference(ref, codes, use_sampling=True, temp=0.8, temp_text=0.7,
-                                      top_k=50, top_k_text=25)
-    _, _, our_frames = _run_ours(ours, codes, sampling)
-    for t in range(1, len(codes)):
-        assert torch.equal(ref_frames[t], our_frames[t]), f"step {t}"
+    _, _, first = _run_ours(ours, codes, sampling)
+    _, _, again = _run_ours(ours, codes, sampling)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
     # Sampling really differs from greedy, so the check above is not vacuous.
     _, _, greedy_frames = _run_ours(ours, codes, SamplingConfig(greedy=True))
-    assert any(not torch.equal(a, b) for a, b in zip(greedy_frames[1:], our_frames[1:]))
+    assert any(not torch.equal(a, b) for a, b in zip(greedy_frames[1:], first[1:]))
     # And a different seed gives a different conversation.
     _, _, other = _run_ours(ours, codes, SamplingConfig(temp_text=0.7, top_k_text=25,
                                                         temp_audio=0.8, top_k_audio=50, seed=5))
-    assert any(not torch.equal(a, b) for a, b in zip(other[1:], our_frames[1:]))
+    assert any(not torch.equal(a, b) for a, b in zip(other[1:], first[1:]))
 
 
 def test_moshiko_has_reference_on_disk_keys():
