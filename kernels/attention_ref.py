@@ -3,7 +3,8 @@
 This is the contract every fused kernel in `kernels/` must match. Shapes:
   q, k, v      [B, H, D]     this step's projections, k/q before RoPE
   k_cache      [B, H, C, D]  ring buffer; slot of absolute position p is p % C
-  v_cache      [B, H, C, D]
+  v_cache      [B, H, C, D]  (may be float8_e4m3fn: the new k/v are rounded into it, saturating
+                             at +-448, and the window is read back from it)
   positions    [B] int64     absolute position of this step, per slot
   exec_mask    [B] bool      rows that run this step; others leave their cache untouched
 Returns the attention output [B, H, D] (rows with exec_mask False hold unspecified values).
@@ -14,6 +15,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 def rope_frequencies(head_dim: int, max_period: float, device) -> torch.Tensor:
@@ -47,8 +50,17 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     rows = torch.arange(B, device=q.device)
     slots = positions % C
     keep = ~exec_mask.view(B, 1, 1)
-    k_cache[rows, :, slots] = torch.where(keep, k_cache[rows, :, slots], k)
-    v_cache[rows, :, slots] = torch.where(keep, v_cache[rows, :, slots], v)
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        old = cache[rows, :, slots]
+        if fp8:  # float8: saturate (no NaN from an outlier), select on the raw bytes
+            new = new.float().clamp(-FP8_MAX, FP8_MAX).to(cache.dtype)
+            cache[rows, :, slots] = torch.where(keep, old.view(torch.uint8),
+                                                new.view(torch.uint8)).view(cache.dtype)
+        else:
+            cache[rows, :, slots] = torch.where(keep, old, new)
+    if fp8:
+        k_cache, v_cache = k_cache.to(q.dtype), v_cache.to(q.dtype)
     # A ring of capacity C written up to `positions` holds exactly the last min(p+1, C) steps.
     valid = torch.arange(C, device=q.device).view(1, C) <= positions.view(B, 1)
     out = F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache,

@@ -84,7 +84,26 @@ def _rope_table(head_dim: int, max_period: float, device: torch.device) -> torch
     return rope_frequencies(head_dim, max_period, device).contiguous()
 
 
+# float8 e4m3 (OCP "fn": no infinities) is the one narrow cache dtype; its largest finite value.
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
 if triton is not None:
+
+    @triton.jit
+    def _round_to_e4m3(x):
+        """x (fp32) rounded to nearest-even on the float8 e4m3fn grid, saturated at +-448, still
+        in fp32. The following cast to float8 is then exact: the same bits as torch's
+        `.to(torch.float8_e4m3fn)` on every backend (the interpreter's own cast rounds wrongly)."""
+        ax = tl.abs(x)
+        e = ((ax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        e = tl.maximum(e, -6)  # subnormals share the step of the smallest normal binade
+        step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e-3): 3 mantissa bits
+        y = ax / step
+        r = (y + 12582912.0) - 12582912.0  # 1.5 * 2^23: fp32 addition rounds y to an integer, RNE
+        out = tl.minimum(r * step, 448.0)
+        return tl.where(x < 0, -out, out)
 
     @triton.jit
     def _decode_split_kernel(
@@ -94,7 +113,7 @@ if triton is not None:
         stride_kcb, stride_kch, stride_kcc, stride_vcb, stride_vch, stride_vcc,
         stride_ob, stride_oh,
         C, num_splits, qk_scale,
-        D: tl.constexpr, ROPE: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+        D: tl.constexpr, ROPE: tl.constexpr, SINGLE_SPLIT: tl.constexpr, FP8_CACHE: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
@@ -133,8 +152,13 @@ if triton is not None:
         # Round like the reference: rotated q/k in their input dtype, then k into the cache dtype.
         cache_ty = kc_ptr.dtype.element_ty
         q = q.to(q_ptr.dtype.element_ty).to(tl.float32) * qk_scale
-        k_new = k_new.to(k_ptr.dtype.element_ty).to(cache_ty)
-        v_new = tl.load(v_row + offs_d, mask=d_mask, other=0.0).to(vc_ptr.dtype.element_ty)
+        k_new = k_new.to(k_ptr.dtype.element_ty)
+        v_new = tl.load(v_row + offs_d, mask=d_mask, other=0.0)
+        if FP8_CACHE:
+            k_new = _round_to_e4m3(k_new.to(tl.float32))
+            v_new = _round_to_e4m3(v_new.to(tl.float32))
+        k_new = k_new.to(cache_ty)
+        v_new = v_new.to(cache_ty)
 
         kc_row = kc_ptr + b * stride_kcb + h * stride_kch
         vc_row = vc_ptr + b * stride_vcb + h * stride_vch
@@ -222,6 +246,9 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, H, C, D = k_cache.shape
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
         raise ValueError("k_cache and v_cache must have the same shape and dtype")
+    if k_cache.dtype not in (FP8_DTYPE, torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"unsupported KV cache dtype {k_cache.dtype}: use float8_e4m3fn, "
+                         "float16, bfloat16 or float32")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.shape != (B, H, D):
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(B, H, D)}")
@@ -257,7 +284,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         C, splits, qk_scale,
-        D=D, ROPE=rope, SINGLE_SPLIT=single, BLOCK_N=block_n, BLOCK_D=block_d,
+        D=D, ROPE=rope, SINGLE_SPLIT=single, FP8_CACHE=k_cache.dtype == FP8_DTYPE, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=4,
     )
     if not single:

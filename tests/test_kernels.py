@@ -45,9 +45,14 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id
 
 # (atol, rtol) for the attention output and for the rotated key written into the cache
 # (one rounding of an fp32 RoPE result that may differ from the reference's by an ulp).
-OUT_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
-SLOT_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)}
-INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+# float8 caches: both sides read the same bytes, but a rotated key an ulp apart before rounding may
+# land one float8 step (12.5 %) apart after it.
+OUT_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2),
+           torch.float8_e4m3fn: (1e-2, 1e-2)}
+SLOT_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2),
+            torch.float8_e4m3fn: (2.0 ** -9, 0.125)}
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+            torch.float8_e4m3fn: torch.uint8}
 
 
 def fresh_seed() -> int:
@@ -61,12 +66,18 @@ def _poison_allocator(*shapes, device) -> None:
     del blocks
 
 
+FP8 = torch.float8_e4m3fn
+FP8_NAN = 0x7F
+
+
 def run_case(B, H, C, D, dtype, positions, exec_mask=None, max_period=10_000.0, *,
-             num_splits=None, block_n=None, seed=None, caches=None):
+             num_splits=None, block_n=None, seed=None, caches=None, cache_dtype=None):
     """One decode step with both implementations; checks output and both caches.
 
-    `caches` optionally supplies (k_cache, v_cache) tensors (e.g. strided views) to fill.
+    `caches` optionally supplies (k_cache, v_cache) tensors (e.g. strided views) to fill;
+    `cache_dtype` float8_e4m3fn gives narrow caches (q, k, v stay in `dtype`).
     """
+    fp8 = cache_dtype == FP8
     seed = fresh_seed() if seed is None else seed
     exec_mask = [True] * B if exec_mask is None else exec_mask
     ctx = (f"seed={seed} B={B} H={H} C={C} D={D} {dtype} positions={positions} "
@@ -77,7 +88,9 @@ def run_case(B, H, C, D, dtype, positions, exec_mask=None, max_period=10_000.0, 
         return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
 
     q, k, v = randn(B, H, D), randn(B, H, D), randn(B, H, D)
-    if caches is None:
+    if fp8:
+        k_cache, v_cache = randn(B, H, C, D).to(FP8), randn(B, H, C, D).to(FP8)
+    elif caches is None:
         k_cache, v_cache = randn(B, H, C, D), randn(B, H, C, D)
     else:
         k_cache, v_cache = caches
@@ -90,11 +103,16 @@ def run_case(B, H, C, D, dtype, positions, exec_mask=None, max_period=10_000.0, 
     written = (slots == (pos % C).view(B, 1)) & ex.view(B, 1)  # [B, C]
     never_written = slots > pos.view(B, 1)
     poison = (written | never_written).view(B, 1, C, 1).expand(B, H, C, D)
-    k_cache.masked_fill_(poison, float("nan"))
-    v_cache.masked_fill_(poison, float("nan"))
+    if fp8:  # masked_fill_ has no float8 kernel: poison the bytes
+        k_cache.view(torch.uint8).masked_fill_(poison, FP8_NAN)
+        v_cache.view(torch.uint8).masked_fill_(poison, FP8_NAN)
+        k_ref, v_ref = (torch.nan_to_num(c.float(), nan=0.0).to(FP8) for c in (k_cache, v_cache))
+    else:
+        k_cache.masked_fill_(poison, float("nan"))
+        v_cache.masked_fill_(poison, float("nan"))
+        k_ref, v_ref = torch.nan_to_num(k_cache, nan=0.0), torch.nan_to_num(v_cache, nan=0.0)
     k_before, v_before = k_cache.clone(), v_cache.clone()
 
-    k_ref, v_ref = torch.nan_to_num(k_cache, nan=0.0), torch.nan_to_num(v_cache, nan=0.0)
     ref = decode_attention_ref(q, k, v, k_ref, v_ref, pos, ex, max_period)
 
     splits = num_splits or da.choose_num_splits(B * H, C, da._num_sms(torch.device(DEVICE)),
@@ -104,7 +122,7 @@ def run_case(B, H, C, D, dtype, positions, exec_mask=None, max_period=10_000.0, 
                                      num_splits=num_splits, block_n=block_n)
     assert out.shape == (B, H, D) and out.dtype == dtype, ctx
 
-    atol, rtol = OUT_TOL[dtype]
+    atol, rtol = OUT_TOL[FP8 if fp8 else dtype]
     got, want = out[ex].float().cpu(), ref[ex].float().cpu()
     assert torch.isfinite(got).all(), f"non-finite output: {ctx}"
     err = (got - want).abs().max().item() if got.numel() else 0.0
@@ -112,11 +130,11 @@ def run_case(B, H, C, D, dtype, positions, exec_mask=None, max_period=10_000.0, 
 
     # The written slot equals the reference's; every other element is untouched, bit for bit.
     sel = written.view(B, 1, C, 1).expand(B, H, C, D)
-    atol, rtol = SLOT_TOL[dtype]
+    atol, rtol = SLOT_TOL[FP8 if fp8 else dtype]
     assert torch.allclose(k_cache[sel].float(), k_ref[sel].float(), atol=atol, rtol=rtol), \
         f"written key differs: {ctx}"
-    assert torch.equal(v_cache[sel], v_ref[sel]), f"written value differs: {ctx}"
-    bits = INT_VIEW[dtype]
+    bits = INT_VIEW[FP8 if fp8 else dtype]
+    assert torch.equal(v_cache[sel].view(bits), v_ref[sel].view(bits)), f"written value differs: {ctx}"
     assert torch.equal(k_cache[~sel].view(bits), k_before[~sel].view(bits)), f"key cache clobbered: {ctx}"
     assert torch.equal(v_cache[~sel].view(bits), v_before[~sel].view(bits)), f"value cache clobbered: {ctx}"
 
@@ -174,6 +192,37 @@ def test_strided_views():
     buf = torch.empty(2, B, H, C, D, device=DEVICE)
     run_case(B, H, C, D, torch.float32, positions=[1, 36, 90], caches=(buf[0], buf[1]),
              num_splits=2, block_n=16)
+
+
+FP8_QUERY_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+                    pytest.param(torch.bfloat16, id="bf16", marks=bf16_needs_gpu)]
+
+
+@pytest.mark.parametrize("dtype", FP8_QUERY_DTYPES)
+def test_float8_cache(dtype):
+    # Narrow caches: wrap-around, idle rows, a full 3000 window, the depth transformer's C=8.
+    run_case(4, 3, 37, 32, dtype, positions=[0, 20, 37 * 3 + 5, 90],
+             exec_mask=[True, True, True, False], cache_dtype=FP8)
+    run_case(1, 2, 3000, 64, dtype, positions=[7001], cache_dtype=FP8)
+    run_case(3, 2, 8, 64, dtype, positions=[0, 5, 42], max_period=None, cache_dtype=FP8)
+
+
+def test_float8_rounding_matches_torch():
+    # Values spanning subnormals, halfway cases and saturation: the written bytes equal torch's
+    # cast (after the same clamp to +-448), bit for bit.
+    D = 64
+    signs = torch.tensor([1.0, -1.0]).repeat(D // 2)
+    spread = 2.0 ** torch.linspace(-12, 10, D - 8) * signs[:D - 8]
+    halfway = torch.tensor([1.0625, 1.1875, 2 ** -9 * 1.5, 2 ** -10, 464.0, 1000.0, -1.0625, 3.0])
+    v = torch.cat([spread, halfway]).view(1, 1, D)
+    k = v.flip(-1).contiguous()
+    k_cache, v_cache = (torch.zeros(1, 1, 4, D).to(FP8).to(DEVICE) for _ in range(2))
+    da.decode_attention_triton(v.to(DEVICE), k.to(DEVICE), v.to(DEVICE), k_cache, v_cache,
+                               torch.tensor([2], device=DEVICE),
+                               torch.tensor([True], device=DEVICE), None)
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        want = x.clamp(-448, 448).to(FP8).view(torch.uint8)[0, 0]
+        assert torch.equal(cache.cpu()[0, 0, 2].view(torch.uint8), want)
 
 
 def test_consecutive_steps():
