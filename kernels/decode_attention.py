@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
 from kernels.attention_ref import decode_attention_ref, rope_frequencies
+from kernels.dispatch import use_triton
 
 try:
     import triton
@@ -295,13 +295,6 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
-def _backend() -> str:
-    mode = os.environ.get("AGENT_KERNELS", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "triton", "torch"):
-        raise ValueError(f"AGENT_KERNELS={mode!r}: expected triton, torch or auto")
-    return mode
-
-
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor,
                      positions: torch.Tensor, exec_mask: torch.Tensor,
@@ -312,7 +305,5 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     AGENT_KERNELS=triton forces Triton (CPU tensors need TRITON_INTERPRET=1);
     AGENT_KERNELS=torch forces the reference.
     """
-    mode = _backend()
-    use_triton = mode == "triton" or (mode == "auto" and q.is_cuda and triton is not None)
-    impl = decode_attention_triton if use_triton else decode_attention_ref
+    impl = decode_attention_triton if use_triton(q) else decode_attention_ref
     return impl(q, k, v, k_cache, v_cache, positions, exec_mask, max_period)
