@@ -257,10 +257,15 @@ class Agent:
 
     @classmethod
     def load(cls, checkpoint: str = "kyutai/moshiko-pytorch-bf16", device=None,
-             max_conversations: int = 8, **kwargs) -> "Agent":
-        from agent.engine import Engine
+             max_conversations: int = 8, kv_cache: str = "auto", **kwargs) -> "Agent":
+        """`kv_cache`: "auto" (the weights' dtype) or "fp8" (half the memory per conversation)."""
+        from agent.engine import KV_CACHE_DTYPES, Engine
         from checkpoints.loader import load_checkpoint
-        return cls(Engine(load_checkpoint(checkpoint, device), max_conversations), **kwargs)
+        if kv_cache not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache={kv_cache!r}: expected one of {', '.join(KV_CACHE_DTYPES)}")
+        engine = Engine(load_checkpoint(checkpoint, device), max_conversations,
+                        kv_dtype=KV_CACHE_DTYPES[kv_cache])
+        return cls(engine, **kwargs)
 
     @property
     def sampling_defaults(self) -> SamplingConfig:

@@ -28,6 +28,8 @@ def register(sub, add_checkpoint_args, add_sampling_args) -> None:
                         "cuda: 1,2,4,8,16,32,64)")
     p.add_argument("--steps", type=int, default=None, help="timed ticks per point")
     p.add_argument("--no-reference", action="store_true", help="skip the moshi library")
+    p.add_argument("--kv-cache", choices=["auto", "fp8"], default="auto",
+                   help="our engine's KV cache dtype (the reference's is always the weights')")
     p.add_argument("--out", default="bench/results", help="folder for JSON and PNG")
     p.set_defaults(func=run_bench)
 
@@ -38,7 +40,7 @@ def run_bench(args) -> int:
     cuda = device.type == "cuda"
     sessions = [int(s) for s in (args.sessions or ("1,2,4,8,16,32,64" if cuda else "1,2,4,8")).split(",")]
     steps = args.steps or (50 if cuda else 10)
-    results = bench(device, sessions, steps, reference=not args.no_reference)
+    results = bench(device, sessions, steps, reference=not args.no_reference, kv_cache=args.kv_cache)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -50,15 +52,19 @@ def run_bench(args) -> int:
     return 0
 
 
-def bench(device, sessions: list[int], steps: int, reference: bool = True) -> dict:
+def bench(device, sessions: list[int], steps: int, reference: bool = True,
+          kv_cache: str = "auto") -> dict:
     import torch
 
-    from agent.engine import Engine, conversations_that_fit, free_device_memory
+    from agent.engine import KV_CACHE_DTYPES, Engine, conversations_that_fit, free_device_memory
+    kv_dtype = KV_CACHE_DTYPES[kv_cache]
     bundle_factory, cfg_name = _model_factory(device)
     probe = bundle_factory()
     weights = probe.model.text_linear.weight
-    # Ours and the reference each hold a KV cache per conversation, one after the other.
-    fit = conversations_that_fit(probe.config, weights.dtype, free_device_memory(device))
+    # Ours and the reference each hold a KV cache per conversation, one after the other; the
+    # reference's is in the weights' dtype.
+    fit = conversations_that_fit(probe.config, weights.dtype, free_device_memory(device),
+                                 None if reference else kv_dtype)
     if any(n > fit for n in sessions):
         print(f"skipping {[n for n in sessions if n > fit]}: at most {fit} conversations fit")
         sessions = [n for n in sessions if n <= fit]
@@ -67,7 +73,7 @@ def bench(device, sessions: list[int], steps: int, reference: bool = True) -> di
     for n in sessions:
         for context in ("empty", "full"):
             bundle = bundle_factory()
-            engine = Engine(bundle, n)
+            engine = Engine(bundle, n, kv_dtype=kv_dtype)
             for _ in range(n):
                 engine.open()
             engine.profile = True
@@ -81,6 +87,8 @@ def bench(device, sessions: list[int], steps: int, reference: bool = True) -> di
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     meta = _meta(device, cfg_name)
+    meta["kv_cache"] = str(kv_dtype or weights.dtype).removeprefix("torch.")
+    meta["cuda_graphs"] = device.type == "cuda" and os.environ.get("AGENT_CUDA_GRAPHS", "1") != "0"
     floor = _bandwidth_floor_ms(device) if device.type == "cuda" else None
     if floor is not None:
         meta["bandwidth_floor_ms_b1"] = floor
@@ -253,7 +261,9 @@ def _bandwidth_floor_ms(device) -> float:
 
 def format_table(results: dict) -> str:
     m = results["meta"]
-    lines = [f"{m['model']} on {m['device_name']} (torch {m['torch']}, moshi {m['moshi']}, {m['date']})",
+    lines = [f"{m['model']} on {m['device_name']} (torch {m['torch']}, moshi {m['moshi']}, {m['date']}; "
+             f"our KV cache {m.get('kv_cache', '?')}, kernels {m['kernels']}, "
+             f"CUDA graphs {'on' if m.get('cuda_graphs') else 'off'})",
              f"{'impl':6} {'sessions':>8} {'context':>7} {'tick p50':>9} {'tick p99':>9} "
              f"{'encode':>8} {'lm':>8} {'decode':>8}   (ms)"]
     for r in results["rows"]:

@@ -35,17 +35,23 @@ PER_SLOT_OVERHEAD_BYTES = 64 << 20
 RESERVED_BYTES = 1 << 30
 
 
-def bytes_per_conversation(cfg, dtype: torch.dtype) -> int:
+# `--kv-cache` choices: the weights' dtype, or float8 (half the memory of bf16, twice the slots).
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
+
+
+def bytes_per_conversation(cfg, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> int:
     """Memory one slot needs: the temporal ring KV cache (3000 steps x 32 layers for moshiko:
-    1.57 GB in bf16), the depformer's, and a fixed overhead."""
+    1.57 GB in bf16, 0.79 GB in float8), the depformer's, and a fixed overhead."""
     item = torch.empty((), dtype=dtype).element_size()
-    temporal = 2 * cfg.num_layers * cfg.dim * cfg.context * item
+    kv_item = torch.empty((), dtype=kv_dtype or dtype).element_size()
+    temporal = 2 * cfg.num_layers * cfg.dim * cfg.context * kv_item
     depth = 2 * cfg.depformer_num_layers * cfg.depformer_dim * cfg.dep_q * item
     return temporal + depth + PER_SLOT_OVERHEAD_BYTES
 
 
-def conversations_that_fit(cfg, dtype: torch.dtype, free_bytes: int) -> int:
-    return max(0, (free_bytes - RESERVED_BYTES) // bytes_per_conversation(cfg, dtype))
+def conversations_that_fit(cfg, dtype: torch.dtype, free_bytes: int,
+                           kv_dtype: torch.dtype | None = None) -> int:
+    return max(0, (free_bytes - RESERVED_BYTES) // bytes_per_conversation(cfg, dtype, kv_dtype))
 
 
 def free_device_memory(device: torch.device) -> int:
@@ -55,12 +61,16 @@ def free_device_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _capacity_message(cfg, dtype, free_bytes: int, asked: int) -> str:
-    fit = conversations_that_fit(cfg, dtype, free_bytes)
-    per = bytes_per_conversation(cfg, dtype)
-    return (f"{asked} conversations do not fit: {free_bytes / 2**30:.1f} GiB is free after the "
-            f"weights and each conversation needs {per / 2**30:.2f} GiB (its KV cache of "
-            f"{cfg.context} steps); at most {fit} fit here. Ask for --max-sessions {fit} or fewer.")
+def _capacity_message(cfg, dtype, free_bytes: int, asked: int, kv_dtype=None) -> str:
+    fit = conversations_that_fit(cfg, dtype, free_bytes, kv_dtype)
+    per = bytes_per_conversation(cfg, dtype, kv_dtype)
+    msg = (f"{asked} conversations do not fit: {free_bytes / 2**30:.1f} GiB is free after the "
+           f"weights and each conversation needs {per / 2**30:.2f} GiB (its KV cache of "
+           f"{cfg.context} steps); at most {fit} fit here. Ask for --max-sessions {fit} or fewer")
+    fit_fp8 = conversations_that_fit(cfg, dtype, free_bytes, KV_CACHE_DTYPES["fp8"])
+    if fit_fp8 > fit:
+        msg += f", or use --kv-cache fp8 (float8 KV cache, slightly less exact): {fit_fp8} fit"
+    return msg + "."
 
 
 @dataclass
@@ -79,8 +89,10 @@ class Slot:
 
 
 class Engine:
-    def __init__(self, bundle: AgentBundle, max_sessions: int, free_bytes: int | None = None):
-        """`free_bytes` overrides the measured free device memory (for tests)."""
+    def __init__(self, bundle: AgentBundle, max_sessions: int, free_bytes: int | None = None,
+                 kv_dtype: torch.dtype | None = None):
+        """`kv_dtype`: the temporal KV caches' dtype (default the weights'; see KV_CACHE_DTYPES).
+        `free_bytes` overrides the measured free device memory (for tests)."""
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         self.bundle = bundle
@@ -89,13 +101,14 @@ class Engine:
         self.device = bundle.model.text_linear.weight.device
         dtype = bundle.model.text_linear.weight.dtype
         free = free_device_memory(self.device) if free_bytes is None else free_bytes
-        if max_sessions > conversations_that_fit(self.cfg, dtype, free):
-            raise CapacityError(_capacity_message(self.cfg, dtype, free, max_sessions))
+        if max_sessions > conversations_that_fit(self.cfg, dtype, free, kv_dtype):
+            raise CapacityError(_capacity_message(self.cfg, dtype, free, max_sessions, kv_dtype))
         try:
-            self.lm = LMGen(bundle.model, max_sessions)
+            self.lm = LMGen(bundle.model, max_sessions, kv_dtype=kv_dtype)
         except torch.OutOfMemoryError:  # the estimate was optimistic (fragmentation, other users)
             raise CapacityError(_capacity_message(self.cfg, dtype, free_device_memory(self.device),
-                                                  max_sessions)) from None
+                                                  max_sessions, kv_dtype)) from None
+        self.kv_dtype = self.lm.model.caches[0].k.dtype
         self.mimi = bundle.mimi
         self.mimi.streaming_forever(max_sessions)
         self.slots: list[Slot | None] = [None] * max_sessions

@@ -35,11 +35,12 @@ class LMGen:
     here once (static shapes and addresses), so on CUDA the step is captured as one CUDA graph and
     replayed each tick; `AGENT_CUDA_GRAPHS=0` runs it eagerly instead."""
 
-    def __init__(self, model: MoshiLM, batch: int, cuda_graph: bool | None = None):
+    def __init__(self, model: MoshiLM, batch: int, cuda_graph: bool | None = None,
+                 kv_dtype: torch.dtype | None = None):
         cfg = self.cfg = model.cfg
         self.model = model
         device = model.text_linear.weight.device
-        model.setup_caches(batch)
+        model.setup_caches(batch, kv_dtype)
         self.batch = batch
         self.ring = cfg.max_delay + 2
         self.cache = torch.full((batch, cfg.num_codebooks, self.ring), UNGENERATED,

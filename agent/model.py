@@ -135,11 +135,13 @@ class MoshiLM(nn.Module):
         self.dep_caches: nn.ModuleList | None = None
 
     # -- state -----------------------------------------------------------------------------------
-    def setup_caches(self, batch: int) -> None:
-        """Allocate the static KV caches for `batch` rows (slots)."""
+    def setup_caches(self, batch: int, kv_dtype: torch.dtype | None = None) -> None:
+        """Allocate the static KV caches for `batch` rows (slots). The temporal caches are in
+        `kv_dtype` (default: the weights' dtype; float8_e4m3fn halves them); the depformer's
+        8-step caches always in the weights' dtype."""
         cfg, p = self.cfg, self.text_linear.weight
         self.caches = nn.ModuleList(
-            KVCache(batch, cfg.num_heads, cfg.context, cfg.head_dim, p.dtype, p.device)
+            KVCache(batch, cfg.num_heads, cfg.context, cfg.head_dim, kv_dtype or p.dtype, p.device)
             for _ in range(cfg.num_layers))
         self.dep_caches = nn.ModuleList(
             KVCache(batch, cfg.depformer_num_heads, cfg.dep_q,

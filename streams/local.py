@@ -92,7 +92,8 @@ def _run_local(args) -> int:
 
     from agent.api import Agent
     from agent.cli import sampling_from_args
-    agent = Agent.load(args.checkpoint, args.device, max_conversations=1)
+    agent = Agent.load(args.checkpoint, args.device, max_conversations=1,
+                       kv_cache=args.kv_cache)
     try:
         sampling = sampling_from_args(args, agent.sampling_defaults)
         session = LocalSession(agent, sampling, mic, speaker, echo_cancel=not args.headphones,

@@ -242,7 +242,7 @@ def run_serve(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     policy = policy_from_args(args)
-    agent = Agent.load(args.checkpoint, args.device, args.max_sessions)
+    agent = Agent.load(args.checkpoint, args.device, args.max_sessions, kv_cache=args.kv_cache)
     try:
         asyncio.run(serve(agent, args.host, args.port, policy, ssl_context,
                           profile_stages=args.profile_stages or None))
