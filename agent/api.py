@@ -97,6 +97,7 @@ class Conversation:
         self._frames: deque[tuple[np.ndarray, float]] = deque()
         self._max_backlog = max_backlog
         self._events: asyncio.Queue | None = asyncio.Queue(max_output) if loop else None
+        self._room: asyncio.Event | None = asyncio.Event() if loop else None  # backlog shrank
         self._resamplers: dict[int, object] = {}
         # Turn-taking on the conversation's own clock (frame index x 80 ms), both sides as the
         # model heard and spoke them; updated on the event loop, off the engine thread.
@@ -132,11 +133,14 @@ class Conversation:
     async def send(self, pcm: np.ndarray, rate: int = SAMPLE_RATE) -> None:
         """Like `push`, but waits for room in the backlog instead of dropping: for sources faster
         than real time (files) that must not lose audio."""
+        assert self._room is not None, "open() the conversation inside an event loop to send()"
         pcm = _validate_pcm(pcm, rate)
         chunk = max(1, FRAME_SIZE * rate // SAMPLE_RATE)  # about one frame at the input rate
         for i in range(0, len(pcm), chunk):
             while self.backlog >= self._max_backlog and not self.closed:
-                await asyncio.sleep(0.005)
+                # Set on this loop after every tick that took one of our frames, and on close.
+                self._room.clear()
+                await self._room.wait()
             self.push(pcm[i:i + chunk], rate)
 
     def flush(self) -> None:
@@ -187,11 +191,17 @@ class Conversation:
         return await self._events.get()
 
     def _on_tick(self, user_pcm: np.ndarray, events: list) -> None:  # on the event loop
+        self._room.set()
         audio = events[0]
         t = audio.step / FRAME_RATE
         self.turns.add_user(user_pcm, t)
         self.turns.add_agent(audio.pcm, t)
         for event in events:
+            self._deliver(event)
+
+    def _deliver_final(self, final: list) -> None:  # on the event loop
+        self._room.set()  # a sender waiting for room sees the conversation closed
+        for event in final:
             self._deliver(event)
 
     def _deliver(self, event) -> None:  # on the event loop
@@ -218,7 +228,7 @@ class Conversation:
         final = ([ErrorOut(error)] if error else []) + [None]
         if self._events is not None and self._loop is not None and not self._loop.is_closed():
             try:
-                self._loop.call_soon_threadsafe(lambda: [self._deliver(e) for e in final])
+                self._loop.call_soon_threadsafe(self._deliver_final, final)
             except RuntimeError:  # the loop closed in between
                 pass
 

@@ -125,6 +125,17 @@ async def test_backlog_overflow_is_counted_and_send_does_not_drop(agent):
     careful.close()
 
 
+async def test_a_sender_waiting_for_room_is_released_by_close(agent):
+    conv = agent.open()
+    sender = asyncio.create_task(conv.send(speech(20.0)))  # far more than the 2 s backlog
+    while conv.backlog < 25:
+        await asyncio.sleep(0.01)
+    assert not sender.done()
+    conv.close()
+    with pytest.raises(ConversationClosed):
+        await asyncio.wait_for(sender, 30)
+
+
 async def test_failing_tick_ends_only_its_conversations(agent):
     victim = agent.open()
     original = agent.engine.lm.step
