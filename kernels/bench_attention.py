@@ -26,11 +26,14 @@ CAPACITY = 3000
 FLUSH_BYTES = 256 << 20
 COPY_BYTES = 1 << 30
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+KV_DTYPES = {"same": None, "fp8": torch.float8_e4m3fn}
 
 
-def attention_bytes(batch: int, heads: int, context: int, head_dim: int, elem_size: int) -> int:
+def attention_bytes(batch: int, heads: int, context: int, head_dim: int, elem_size: int,
+                    kv_elem_size: int | None = None) -> int:
     """Minimum HBM traffic of one decode step: K and V of the window, plus q and the output."""
-    return (2 * context + 2) * batch * heads * head_dim * elem_size
+    kv_elem_size = kv_elem_size or elem_size
+    return (2 * context * kv_elem_size + 2 * elem_size) * batch * heads * head_dim
 
 
 def time_cuda(fn, warmup: int = 5, iters: int = 30) -> float:
@@ -58,8 +61,9 @@ def copy_bandwidth() -> float:
 
 
 def bench_decode_attention(batches=(1, 8, 16, 32, 64), contexts=(250, 1500, 3000),
-                           dtype=torch.bfloat16, H=32, D=128) -> list[dict]:
-    """One row per (batch, context): times in microseconds, bandwidths in GB/s."""
+                           dtype=torch.bfloat16, H=32, D=128, kv_dtype=None) -> list[dict]:
+    """One row per (batch, context): times in microseconds, bandwidths in GB/s. With `kv_dtype`
+    float8 our kernel reads float8 caches; SDPA, which cannot, reads `dtype` copies of them."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench_decode_attention needs a CUDA GPU")
     from kernels.decode_attention import (choose_num_splits, decode_attention_triton,
@@ -68,10 +72,13 @@ def bench_decode_attention(batches=(1, 8, 16, 32, 64), contexts=(250, 1500, 3000
     device = torch.device("cuda")
     copy_bw = copy_bandwidth()
     elem = torch.empty((), dtype=dtype).element_size()
+    kv_elem = torch.empty((), dtype=kv_dtype or dtype).element_size()
     rows = []
     for B in batches:
-        k_cache = torch.randn(B, H, CAPACITY, D, device=device, dtype=dtype)
-        v_cache = torch.randn_like(k_cache)
+        k_wide = torch.randn(B, H, CAPACITY, D, device=device, dtype=dtype)
+        v_wide = torch.randn_like(k_wide)
+        k_cache, v_cache = ((k_wide.to(kv_dtype), v_wide.to(kv_dtype)) if kv_dtype
+                            else (k_wide, v_wide))
         q, k, v = (torch.randn(B, H, D, device=device, dtype=dtype) for _ in range(3))
         exec_mask = torch.ones(B, dtype=torch.bool, device=device)
         for ctx in contexts:
@@ -80,16 +87,17 @@ def bench_decode_attention(batches=(1, 8, 16, 32, 64), contexts=(250, 1500, 3000
             positions = torch.full((B,), ctx - 1, dtype=torch.int64, device=device)
             valid = (torch.arange(CAPACITY, device=device) < ctx).view(1, 1, 1, CAPACITY)
             q4 = q.unsqueeze(2)
-            k_prefix, v_prefix = k_cache[:, :, :ctx], v_cache[:, :, :ctx]
+            k_prefix, v_prefix = k_wide[:, :, :ctx], v_wide[:, :, :ctx]
             t_triton = time_cuda(lambda: decode_attention_triton(
                 q, k, v, k_cache, v_cache, positions, exec_mask))
             t_prefix = time_cuda(lambda: F.scaled_dot_product_attention(q4, k_prefix, v_prefix))
             t_masked = time_cuda(lambda: F.scaled_dot_product_attention(
-                q4, k_cache, v_cache, attn_mask=valid))
-            nbytes = attention_bytes(B, H, ctx, D, elem)
+                q4, k_wide, v_wide, attn_mask=valid))
+            nbytes = attention_bytes(B, H, ctx, D, elem, kv_elem)
             bw = nbytes / t_triton
             rows.append({
                 "device": torch.cuda.get_device_name(device), "dtype": str(dtype).removeprefix("torch."),
+                "kv_dtype": str(kv_dtype or dtype).removeprefix("torch."),
                 "batch": B, "context": ctx, "capacity": CAPACITY, "heads": H, "head_dim": D,
                 "num_splits": choose_num_splits(B * H, CAPACITY, _num_sms(device), default_block_n(CAPACITY)),
                 "bytes": nbytes,
@@ -98,7 +106,7 @@ def bench_decode_attention(batches=(1, 8, 16, 32, 64), contexts=(250, 1500, 3000
                 "copy_gbps": copy_bw / 1e9, "triton_frac_of_copy": bw / copy_bw,
                 "speedup_vs_sdpa_prefix": t_prefix / t_triton, "speedup_vs_sdpa_masked": t_masked / t_triton,
             })
-        del k_cache, v_cache
+        del k_cache, v_cache, k_wide, v_wide
     return rows
 
 
@@ -122,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json_path", nargs="?", help="write the rows as JSON here")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="same",
+                        help="our kernel's cache dtype (fp8: float8 e4m3; SDPA keeps --dtype)")
     parser.add_argument("--batches", type=_int_list, default=(1, 8, 16, 32, 64))
     parser.add_argument("--contexts", type=_int_list, default=(250, 1500, 3000))
     parser.add_argument("--heads", type=int, default=32)
@@ -132,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     rows = bench_decode_attention(args.batches, args.contexts, DTYPES[args.dtype],
-                                  H=args.heads, D=args.head_dim)
-    print(f"{rows[0]['device']}, {args.dtype}, H={args.heads}, D={args.head_dim}, "
+                                  H=args.heads, D=args.head_dim, kv_dtype=KV_DTYPES[args.kv_dtype])
+    print(f"{rows[0]['device']}, {args.dtype}, KV {rows[0]['kv_dtype']}, H={args.heads}, D={args.head_dim}, "
           f"capacity {CAPACITY}, copy {rows[0]['copy_gbps']:.0f} GB/s")
     print(format_table(rows))
     if args.json_path:
