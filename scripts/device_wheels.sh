@@ -4,7 +4,6 @@
 # sentencepiece, huggingface-hub, pytest, hypothesis, aiohttp, matplotlib, psutil).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 PY=${PYTHON:-.venv/bin/python}
 "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
