@@ -49,8 +49,8 @@ class LMGen:
         self.delays = torch.tensor(cfg.delays, dtype=torch.long, device=device)
         self.initial = torch.tensor([cfg.text_init_id] + [cfg.audio_init_id] * cfg.n_q,
                                     dtype=torch.long, device=device).view(1, -1)
-        self.text_sampler = BatchSampler(batch, device)
-        self.audio_sampler = BatchSampler(batch, device)
+        self.text_sampler = BatchSampler(batch, cfg.text_card, device)
+        self.audio_sampler = BatchSampler(batch, cfg.card, device)
         # Static inputs and output of one step.
         self._user_codes = torch.zeros(batch, cfg.num_user_codebooks, dtype=torch.long, device=device)
         self._exec_mask = torch.zeros(batch, dtype=torch.bool, device=device)

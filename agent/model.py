@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from agent.config import LMConfig
 from kernels.decode_attention import decode_attention
+from kernels.rms_norm import rms_norm
+from kernels.silu_gate import silu_gate
 
 
 def embed(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
@@ -28,11 +30,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.alpha = nn.Parameter(torch.ones(1, 1, dim))  # on-disk shape [1, 1, dim]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 statistics whatever the weights' dtype, as the reference does.
-        xf = x.float()
-        var = self.eps + torch.mean(xf * xf, dim=-1, keepdim=True)
-        return (xf * (self.alpha.view(-1).float() * torch.rsqrt(var))).to(x.dtype)
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None):
+        """norm(x); with `add`, (x + add, norm(x + add)) in one kernel. Statistics in fp32
+        whatever the weights' dtype, as the reference does."""
+        return rms_norm(x, self.alpha, self.eps, add)
 
 
 class GatedFFN(nn.Module):
@@ -44,8 +45,7 @@ class GatedFFN(nn.Module):
         self.linear_out = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.linear_in(x).unflatten(-1, (2, -1)).unbind(-2)
-        return self.linear_out(F.silu(gate) * up)
+        return self.linear_out(silu_gate(self.linear_in(x)))
 
 
 class KVCache(nn.Module):
@@ -87,8 +87,9 @@ class TemporalLayer(nn.Module):
         self.gating = GatedFFN(cfg.dim, cfg.ffn_hidden)
 
     def forward(self, x, cache, positions, exec_mask, max_period):
-        x = x + self.self_attn(self.norm1(x), cache, positions, exec_mask, max_period)
-        return x + self.gating(self.norm2(x))
+        attn = self.self_attn(self.norm1(x), cache, positions, exec_mask, max_period)
+        x, h = self.norm2(x, add=attn)
+        return x + self.gating(h)
 
 
 class DepformerLayer(nn.Module):
@@ -104,8 +105,9 @@ class DepformerLayer(nn.Module):
 
     def forward(self, x, cache, positions, exec_mask, step: int):
         # No positional embedding: order comes from causality and the per-step weights.
-        x = x + self.self_attn(self.norm1(x), cache, positions, exec_mask, None, step)
-        return x + self.gating[step](self.norm2(x))
+        attn = self.self_attn(self.norm1(x), cache, positions, exec_mask, None, step)
+        x, h = self.norm2(x, add=attn)
+        return x + self.gating[step](h)
 
 
 class Transformer(nn.Module):

@@ -9,29 +9,32 @@ batch or how many ticks they skipped.
 The distribution is the reference's: softmax(logits / temp) restricted to the top-k tokens
 (k = 0 means all), drawn with the Gumbel-max trick, argmax(logits / temp + Gumbel noise) over
 the candidates, which picks token i with exactly its renormalised top-k probability. Rows with
-temperature 0 or greedy mode take argmax(logits). The draw itself is one fused kernel
-(kernels/sampling.py).
+temperature 0 or greedy mode take argmax(logits). Per draw: one sort for the top-k thresholds,
+then one fused kernel (kernels/sampling.py).
 """
 from __future__ import annotations
 
 import torch
 
-from kernels.sampling import MASK32, gumbel_argmax, mix32
+from kernels.sampling import MASK32, mix32, sample
 
 
 class BatchSampler:
-    """Per-row sampling settings for B rows; `sample` draws one token per row for one stream."""
+    """Per-row sampling settings for B rows over a vocabulary of V tokens."""
 
-    def __init__(self, batch: int, device):
+    def __init__(self, batch: int, vocab: int, device):
+        self.vocab = vocab
         self.temp = torch.ones(batch, dtype=torch.float32, device=device)
-        self.top_k = torch.zeros(batch, dtype=torch.long, device=device)
+        self.kth_index = torch.full((batch, 1), vocab - 1, dtype=torch.long, device=device)
         self.greedy = torch.ones(batch, dtype=torch.bool, device=device)
         self.seed_key = torch.zeros(batch, dtype=torch.long, device=device)
 
     def configure(self, row: int, seed: int, temp: float, top_k: int, greedy: bool) -> None:
         greedy = greedy or temp <= 0.0
         self.temp[row] = 1.0 if greedy else temp
-        self.top_k[row] = 0 if greedy else top_k
+        # Position of the row's top-k threshold among its sorted logits (k = 0 or >= V: all).
+        k = top_k if 0 < top_k < self.vocab and not greedy else self.vocab
+        self.kth_index[row] = k - 1
         self.greedy[row] = greedy
         # Fold the (up to 64-bit) seed into one 32-bit key.
         self.seed_key[row] = int(mix32(torch.tensor((seed >> 32) & MASK32)) ^ (seed & MASK32))
@@ -39,10 +42,6 @@ class BatchSampler:
     def sample(self, logits: torch.Tensor, counter: torch.Tensor, stream: int) -> torch.Tensor:
         """logits [B, V] -> tokens [B]. `counter` [B] is each row's step number and `stream`
         tells apart the draws of one step (text, then each audio codebook)."""
-        V = logits.shape[-1]
-        scaled = logits.float() / self.temp.view(-1, 1)
-        # Top-k as a threshold: the k-th largest scaled logit of each row (k = 0 or >= V: all).
-        k = torch.where((self.top_k > 0) & (self.top_k < V), self.top_k, V)
-        kth = scaled.sort(dim=-1, descending=True).values.gather(1, (k - 1).view(-1, 1)).view(-1)
-        row_keys = mix32(mix32(self.seed_key ^ (counter & MASK32)) ^ stream)
-        return gumbel_argmax(scaled, kth, row_keys, self.greedy)
+        logits = logits.float().contiguous()
+        kth_logit = logits.sort(dim=-1, descending=True).values.gather(1, self.kth_index).view(-1)
+        return sample(logits, self.temp, kth_logit, self.seed_key, counter, stream, self.greedy)

@@ -1,5 +1,5 @@
-"""Sampling microbenchmark (CUDA only): the fused Gumbel-max kernel against its torch reference,
-and the whole per-stream draw (temperature, top-k threshold by sort, draw) that a Moshi step runs
+"""Sampling microbenchmark (CUDA only): the fused draw kernel against its torch reference, and
+the whole per-stream draw (top-k threshold by sort, then the kernel) that a Moshi step runs
 9 times (text over 32000 tokens, 8 audio codebooks over 2048).
 
 Usage: python -m kernels.bench_sampling [results.json] [--batches 1,8,32,64]
@@ -17,21 +17,23 @@ from kernels.bench_attention import _int_list, time_cuda
 
 def bench_sampling(batches=(1, 8, 32, 64), vocabs=(32000, 2048)) -> list[dict]:
     from agent.sampling import BatchSampler
-    from kernels.sampling import gumbel_argmax_ref, gumbel_argmax_triton, mix32
+    from kernels.sampling import sample_ref, sample_triton
     rows = []
     for B in batches:
         for V in vocabs:
-            scaled = torch.randn(B, V, device="cuda") * 3
-            kth = scaled.topk(25 if V > 10_000 else 250, dim=-1).values[:, -1].contiguous()
-            keys = mix32(torch.arange(B, device="cuda"))
+            logits = torch.randn(B, V, device="cuda") * 3
+            temp = torch.full((B,), 0.8, device="cuda")
+            kth = logits.topk(25 if V > 10_000 else 250, dim=-1).values[:, -1].contiguous()
+            seed_key = torch.arange(B, device="cuda")
+            counter = torch.zeros(B, dtype=torch.long, device="cuda")
             greedy = torch.zeros(B, dtype=torch.bool, device="cuda")
-            sampler = BatchSampler(B, "cuda")
+            args = (logits, temp, kth, seed_key, counter, 0, greedy)
+            sampler = BatchSampler(B, V, "cuda")
             for row in range(B):
                 sampler.configure(row, row, 0.8, 250, greedy=False)
-            counter = torch.zeros(B, dtype=torch.long, device="cuda")
-            t_ref = time_cuda(lambda: gumbel_argmax_ref(scaled, kth, keys, greedy))
-            t_tri = time_cuda(lambda: gumbel_argmax_triton(scaled, kth, keys, greedy))
-            t_all = time_cuda(lambda: sampler.sample(scaled, counter, 0))
+            t_ref = time_cuda(lambda: sample_ref(*args))
+            t_tri = time_cuda(lambda: sample_triton(*args))
+            t_all = time_cuda(lambda: sampler.sample(logits, counter, 0))
             rows.append({"device": torch.cuda.get_device_name(), "batch": B, "vocab": V,
                          "torch_ref_us": t_ref * 1e6, "triton_us": t_tri * 1e6,
                          "speedup": t_ref / t_tri, "whole_draw_us": t_all * 1e6})

@@ -1,16 +1,18 @@
-"""Fused Gumbel-max draw for B rows: hash noise, top-k mask and argmax in one pass over the logits.
+"""Fused sampling draw for B rows: temperature, top-k mask, hash noise and argmax in one pass.
 
-The contract (`gumbel_argmax_ref`), per row b:
-  score[i] = scaled[b, i] + (0 if greedy[b] else Gumbel(hash(row_keys[b], i)))  if scaled[b, i] >= kth[b]
-           = -inf                                                                 otherwise
-  token[b] = argmax_i score[i]  (first index on ties)
-`scaled` are the logits divided by the row's temperature, `kth` the row's k-th largest scaled
-logit (its top-k threshold) and `row_keys` a 32-bit key per row and draw. The noise of candidate
-i is Gumbel(u) = -log(-log(u)) with u from the 24 high bits of
-mix32(mix32(row_key ^ mix32(i)) ^ row_key): counter-based, so it depends on nothing but the row.
+The contract (`sample_ref`), per row b, for logits [B, V] in fp32:
+  scaled[i] = logits[b, i] / temp[b],   kth = kth_logit[b] / temp[b]   (the row's top-k threshold)
+  key       = mix32(mix32(seed_key[b] ^ (counter[b] mod 2**32)) ^ stream)
+  score[i]  = scaled[i] + (0 if greedy[b] else Gumbel(hash(key, i)))   if scaled[i] >= kth
+            = -inf                                                      otherwise
+  token[b]  = argmax_i score[i]  (first index on ties)
+`kth_logit` is the row's k-th largest logit: dividing by the positive temperature keeps the
+order, so the comparison selects exactly the top k. The noise of candidate i is
+Gumbel(u) = -log(-log(u)), u from the 24 high bits of mix32(mix32(key ^ mix32(i)) ^ key):
+counter-based, so a row's draws depend on nothing but its own seed, step and stream.
 
-In torch this is ~30 elementwise launches over [B, V] per draw, and a Moshi step draws 9 times;
-the Triton kernel is one launch per draw and reads the logits once.
+In torch this is ~30 launches per draw (elementwise over [B, V] and the key mixing over [B]);
+a Moshi step draws 9 times. The Triton kernel is one launch per draw and reads the logits once.
 """
 from __future__ import annotations
 
@@ -57,10 +59,20 @@ def gumbel_noise(row_keys: torch.Tensor, V: int) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
-def gumbel_argmax_ref(scaled: torch.Tensor, kth: torch.Tensor, row_keys: torch.Tensor,
-                      greedy: torch.Tensor) -> torch.Tensor:
-    """scaled [B, V] fp32, kth [B] fp32, row_keys [B] int64, greedy [B] bool -> tokens [B]."""
-    noise = torch.where(greedy.view(-1, 1), 0.0, gumbel_noise(row_keys, scaled.shape[1]))
+def row_keys(seed_key: torch.Tensor, counter: torch.Tensor, stream: int) -> torch.Tensor:
+    """One 32-bit key per row and draw."""
+    return mix32(mix32(seed_key ^ (counter & MASK32)) ^ stream)
+
+
+def sample_ref(logits: torch.Tensor, temp: torch.Tensor, kth_logit: torch.Tensor,
+               seed_key: torch.Tensor, counter: torch.Tensor, stream: int,
+               greedy: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] fp32; temp, kth_logit [B] fp32; seed_key, counter [B] int64; greedy [B]
+    bool -> tokens [B] int64."""
+    scaled = logits / temp.view(-1, 1)
+    kth = kth_logit / temp
+    noise = torch.where(greedy.view(-1, 1), 0.0,
+                        gumbel_noise(row_keys(seed_key, counter, stream), logits.shape[1]))
     score = torch.where(scaled >= kth.view(-1, 1), scaled + noise, float("-inf"))
     return score.argmax(dim=-1)
 
@@ -75,18 +87,21 @@ if triton is not None:
         x = x * 0x735A2D97
         return x ^ (x >> 15)
 
-    @triton.jit
-    def _gumbel_argmax_kernel(scaled_ptr, kth_ptr, keys_ptr, greedy_ptr, out_ptr, V, stride_b,
-                              BLOCK_V: tl.constexpr):
+    @triton.jit(do_not_specialize=["stream"])  # 1 would become a constant: no .to() on it
+    def _sample_kernel(logits_ptr, temp_ptr, kth_ptr, seed_ptr, counter_ptr, greedy_ptr, out_ptr,
+                       V, stride_b, stream, BLOCK_V: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
-        kth = tl.load(kth_ptr + b)
-        key = tl.load(keys_ptr + b).to(tl.uint32)
+        temp = tl.load(temp_ptr + b)
+        kth = tl.load(kth_ptr + b) / temp
+        seed = tl.load(seed_ptr + b).to(tl.uint32)
+        counter = (tl.load(counter_ptr + b) & 0xFFFFFFFF).to(tl.uint32)
+        key = _mix32(_mix32(seed ^ counter) ^ stream.to(tl.uint32))
         noisy = tl.load(greedy_ptr + b) == 0
         best = -float("inf")
         best_i = 0
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + tl.arange(0, BLOCK_V)
-            x = tl.load(scaled_ptr + b * stride_b + offs, mask=offs < V, other=-float("inf"))
+            x = tl.load(logits_ptr + b * stride_b + offs, mask=offs < V, other=-float("inf")) / temp
             h = _mix32(_mix32(key ^ _mix32(offs.to(tl.uint32))) ^ key)
             u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
             g = -tl.log(-tl.log(u))
@@ -101,23 +116,29 @@ if triton is not None:
         tl.store(out_ptr + b, best_i.to(tl.int64))
 
 
-def gumbel_argmax_triton(scaled: torch.Tensor, kth: torch.Tensor, row_keys: torch.Tensor,
-                         greedy: torch.Tensor) -> torch.Tensor:
+def sample_triton(logits: torch.Tensor, temp: torch.Tensor, kth_logit: torch.Tensor,
+                  seed_key: torch.Tensor, counter: torch.Tensor, stream: int,
+                  greedy: torch.Tensor) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("triton is not installed; use AGENT_KERNELS=torch")
-    B, V = scaled.shape
-    if scaled.dtype != torch.float32 or scaled.stride(1) != 1:
-        raise ValueError("scaled logits must be contiguous float32 rows")
-    out = torch.empty(B, dtype=torch.long, device=scaled.device)
+    B, V = logits.shape
+    if logits.dtype != torch.float32 or logits.stride(1) != 1:
+        raise ValueError("logits must be contiguous float32 rows")
+    for name, t in (("temp", temp), ("kth_logit", kth_logit), ("seed_key", seed_key),
+                    ("counter", counter), ("greedy", greedy)):
+        if t.shape != (B,) or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous [B] tensor")
+    out = torch.empty(B, dtype=torch.long, device=logits.device)
     block = min(4096, triton.next_power_of_2(V))
-    _gumbel_argmax_kernel[(B,)](scaled, kth.float().contiguous(), row_keys.contiguous(),
-                                greedy.contiguous(), out, V, scaled.stride(0), BLOCK_V=block,
-                                num_warps=8 if block >= 2048 else 4)
+    _sample_kernel[(B,)](logits, temp, kth_logit, seed_key, counter, greedy, out, V,
+                         logits.stride(0), stream, BLOCK_V=block,
+                         num_warps=8 if block >= 2048 else 4)
     return out
 
 
-def gumbel_argmax(scaled: torch.Tensor, kth: torch.Tensor, row_keys: torch.Tensor,
-                  greedy: torch.Tensor) -> torch.Tensor:
+def sample(logits: torch.Tensor, temp: torch.Tensor, kth_logit: torch.Tensor,
+           seed_key: torch.Tensor, counter: torch.Tensor, stream: int,
+           greedy: torch.Tensor) -> torch.Tensor:
     """Triton on CUDA, the reference elsewhere; AGENT_KERNELS forces either (kernels/dispatch.py)."""
-    impl = gumbel_argmax_triton if use_triton(scaled) else gumbel_argmax_ref
-    return impl(scaled, kth, row_keys, greedy)
+    impl = sample_triton if use_triton(logits) else sample_ref
+    return impl(logits, temp, kth_logit, seed_key, counter, stream, greedy)

@@ -33,7 +33,7 @@ def top_k_probs(logits: torch.Tensor, temp: float, k: int) -> torch.Tensor:
 
 def ours(logits, temp, k, seed=0, stream=0) -> torch.Tensor:
     """DRAWS independent draws: one row per draw, told apart by the step counter."""
-    sampler = BatchSampler(DRAWS, "cpu")
+    sampler = BatchSampler(DRAWS, len(logits), "cpu")
     for row in range(DRAWS):
         sampler.configure(row, seed, temp, k, greedy=False)
     return sampler.sample(logits.expand(DRAWS, -1), torch.arange(DRAWS), stream)
@@ -59,7 +59,7 @@ def test_draws_follow_the_reference_distribution(temp, k):
 
 def test_greedy_and_zero_temperature_take_the_argmax():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(5))
-    sampler = BatchSampler(4, "cpu")
+    sampler = BatchSampler(4, 50, "cpu")
     sampler.configure(0, 1, 0.8, 25, greedy=True)
     sampler.configure(1, 1, 0.0, 25, greedy=False)
     sampler.configure(2, 1, 0.8, 1, greedy=False)  # top-1 sampling is the argmax too
@@ -75,12 +75,12 @@ def test_a_row_draws_the_same_alone_or_in_any_batch():
     V, steps = 300, 30
     gen = torch.Generator().manual_seed(6)
     logits = torch.randn(steps, V, generator=gen)
-    alone = BatchSampler(1, "cpu")
+    alone = BatchSampler(1, V, "cpu")
     alone.configure(0, 1234, 0.9, 40, greedy=False)
     expected = [int(alone.sample(logits[t:t + 1], torch.tensor([t]), 2)) for t in range(steps)]
     for trial in range(3):
         B = 2 + trial * 3
-        batch = BatchSampler(B, "cpu")
+        batch = BatchSampler(B, V, "cpu")
         me = trial % B
         for row in range(B):
             batch.configure(row, row * 77 + 1, 0.5 + row * 0.1, row * 7, greedy=row % 3 == 2)
@@ -98,7 +98,7 @@ def test_a_row_draws_the_same_alone_or_in_any_batch():
 def test_seed_counter_and_stream_each_change_the_draws():
     logits = torch.zeros(1, 1000)  # uniform: the draw is the noise's argmax
     def draw(seed, counter, stream):
-        s = BatchSampler(1, "cpu")
+        s = BatchSampler(1, 1000, "cpu")
         s.configure(0, seed, 1.0, 0, greedy=False)
         return int(s.sample(logits, torch.tensor([counter]), stream))
     base = [draw(42, t, 0) for t in range(10)]
