@@ -86,10 +86,13 @@ class TemporalLayer(nn.Module):
         self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
         self.gating = GatedFFN(cfg.dim, cfg.ffn_hidden)
 
-    def forward(self, x, cache, positions, exec_mask, max_period):
-        attn = self.self_attn(self.norm1(x), cache, positions, exec_mask, max_period)
+    def forward(self, x, pending, cache, positions, exec_mask, max_period):
+        """The layer's input is x + pending; returns (x, pending) likewise: each residual add is
+        done by the norm that follows it, in the same kernel."""
+        x, h = self.norm1(x, add=pending)
+        attn = self.self_attn(h, cache, positions, exec_mask, max_period)
         x, h = self.norm2(x, add=attn)
-        return x + self.gating(h)
+        return x, self.gating(h)
 
 
 class DepformerLayer(nn.Module):
@@ -103,11 +106,13 @@ class DepformerLayer(nn.Module):
         self.gating = nn.ModuleList(GatedFFN(cfg.depformer_dim, cfg.depformer_ffn_hidden)
                                     for _ in range(cfg.dep_q))
 
-    def forward(self, x, cache, positions, exec_mask, step: int):
-        # No positional embedding: order comes from causality and the per-step weights.
-        attn = self.self_attn(self.norm1(x), cache, positions, exec_mask, None, step)
+    def forward(self, x, pending, cache, positions, exec_mask, step: int):
+        """Input x + pending, output (x, pending), as in TemporalLayer. No positional embedding:
+        order comes from causality and the per-step weights."""
+        x, h = self.norm1(x, add=pending)
+        attn = self.self_attn(h, cache, positions, exec_mask, None, step)
         x, h = self.norm2(x, add=attn)
-        return x + self.gating[step](h)
+        return x, self.gating[step](h)
 
 
 class Transformer(nn.Module):
@@ -164,10 +169,10 @@ class MoshiLM(nn.Module):
         for i, table in enumerate(self.emb):
             e = embed(table, tokens[:, 1 + i])
             x = e if x is None else x + e
-        x = x + embed(self.text_emb, tokens[:, 0])
+        pending = embed(self.text_emb, tokens[:, 0])  # added by the first norm
         for layer, cache in zip(self.transformer.layers, self.caches):
-            x = layer(x, cache, positions, exec_mask, self.cfg.max_period)
-        h = self.out_norm(x)
+            x, pending = layer(x, pending, cache, positions, exec_mask, self.cfg.max_period)
+        _, h = self.out_norm(x, add=pending)
         return h, self.text_linear(h)
 
     def forward_depformer(self, step: int, h: torch.Tensor, prev_token: torch.Tensor,
@@ -177,8 +182,8 @@ class MoshiLM(nn.Module):
         assert self.dep_caches is not None
         x = self.depformer_in[step](h)
         table = self.depformer_text_emb if step == 0 else self.depformer_emb[step - 1]
-        x = x + embed(table, prev_token)
+        pending = embed(table, prev_token)  # added by the first norm
         positions = torch.full_like(prev_token, step)
         for layer, cache in zip(self.depformer.layers, self.dep_caches):
-            x = layer(x, cache, positions, exec_mask, step)
-        return self.linears[step](x)
+            x, pending = layer(x, pending, cache, positions, exec_mask, step)
+        return self.linears[step](x + pending)
