@@ -61,3 +61,45 @@ def test_step_never_synchronises_with_the_host(model):
             gen._step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_engine_isolation_on_cuda():
+    """The engine on the GPU (CUDA graphs, Triton kernels, Mimi on CUDA): a seeded conversation's
+    tokens and audio are bit-identical alone or among others that join, leave and skip."""
+    import numpy as np
+
+    from agent.config import FRAME_SIZE
+    from agent.engine import Engine
+    from checkpoints.tiny_random import synthetic_audio
+
+    def frames(seed, n):
+        pcm = synthetic_audio(n * FRAME_SIZE, seed=seed).numpy().reshape(-1)
+        return [pcm[i * FRAME_SIZE:(i + 1) * FRAME_SIZE] for i in range(n)]
+
+    def engine():
+        return Engine(load_checkpoint("tiny-random", device="cuda"), 4)
+
+    mine, sampling = frames(101, 30), SamplingConfig(seed=1234)
+    alone_engine = engine()
+    row = alone_engine.open(sampling)
+    alone = [alone_engine.tick({row: f})[row] for f in mine]
+    assert alone_engine.lm._graph is not None
+    busy, rng, outs, i = engine(), random.Random(3), [], 0
+    me, others = busy.open(sampling), {}
+    while i < len(mine):
+        if len(others) < 3 and rng.random() < 0.3:
+            others[busy.open(SamplingConfig(seed=rng.randrange(1 << 30)))] = frames(
+                rng.randrange(1000, 2000), 40)
+        for r in [r for r in others if rng.random() < 0.1]:
+            busy.close(r)
+            del others[r]
+        batch = {r: f.pop() for r, f in others.items() if f and rng.random() < 0.7}
+        if rng.random() < 0.8:
+            batch[me] = mine[i]
+        if batch:
+            res = busy.tick(batch)
+            if me in batch:
+                outs.append(res[me])
+                i += 1
+    for a, b in zip(alone, outs):
+        assert a.text_id == b.text_id and np.array_equal(a.pcm, b.pcm), f"step {a.step}"
