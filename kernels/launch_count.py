@@ -83,6 +83,9 @@ def count_step_launches(backend: str, batch: int = 1) -> collections.Counter:
                               text_card=64, card=32)
     torch.manual_seed(0)
     model = MoshiLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # some are allocated uninitialised
+            p.normal_(0.0, 0.02)
     gen = LMGen(model, batch)
     for row in range(batch):
         gen.reset(row, SamplingConfig(seed=row))

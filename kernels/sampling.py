@@ -8,7 +8,7 @@ The contract (`sample_ref`), per row b, for logits [B, V] in fp32:
   token[b]  = argmax_i score[i]  (first index on ties)
 `kth_logit` is the row's k-th largest logit: dividing by the positive temperature keeps the
 order, so the comparison selects exactly the top k. The noise of candidate i is
-Gumbel(u) = -log(-log(u)), u from the 24 high bits of mix32(mix32(key ^ mix32(i)) ^ key):
+Gumbel(u) = -log(-log(u)), u from the 23 high bits of mix32(mix32(key ^ mix32(i)) ^ key):
 counter-based, so a row's draws depend on nothing but its own seed, step and stream.
 
 In torch this is ~30 launches per draw (elementwise over [B, V] and the key mixing over [B]);
@@ -51,12 +51,17 @@ def _index_keys(V: int, device: torch.device) -> torch.Tensor:
 
 
 def gumbel_noise(row_keys: torch.Tensor, V: int) -> torch.Tensor:
-    """Gumbel noise [B, V] for candidates 0..V-1 of each row key [B]. Uniforms have 24 bits and
-    never reach 0 or 1."""
+    """Gumbel noise [B, V] for candidates 0..V-1 of each row key [B]. Uniforms are
+    (n + 0.5) / 2**23 for 23-bit n: exact in fp32, never 0 or 1 (with 24 bits the top one would
+    round to 1.0, whose Gumbel value is +inf)."""
     keys = row_keys.view(-1, 1)
     h = mix32(mix32(keys ^ _index_keys(V, row_keys.device)) ^ keys)
-    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
-    return -torch.log(-torch.log(u))
+    return -torch.log(-torch.log(uniform_from_hash(h)))
+
+
+def uniform_from_hash(h: torch.Tensor) -> torch.Tensor:
+    """(n + 0.5) / 2**23 from the top 23 bits n of 32-bit hashes, in fp32."""
+    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def row_keys(seed_key: torch.Tensor, counter: torch.Tensor, stream: int) -> torch.Tensor:
@@ -103,7 +108,7 @@ if triton is not None:
             offs = v0 + tl.arange(0, BLOCK_V)
             x = tl.load(logits_ptr + b * stride_b + offs, mask=offs < V, other=-float("inf")) / temp
             h = _mix32(_mix32(key ^ _mix32(offs.to(tl.uint32))) ^ key)
-            u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
             g = -tl.log(-tl.log(u))
             score = tl.where(x >= kth, x + tl.where(noisy, g, 0.0), -float("inf"))
             score = tl.where(offs < V, score, -float("inf"))

@@ -9,7 +9,7 @@ import torch
 from moshi.utils.sampling import sample_token
 
 from agent.sampling import BatchSampler
-from kernels.sampling import gumbel_noise, mix32
+from kernels.sampling import gumbel_noise, mix32, uniform_from_hash
 
 DRAWS = 20_000
 
@@ -119,3 +119,7 @@ def test_hash_is_a_bijection_and_the_noise_is_gumbel():
     assert abs(g.mean() - 0.5772156649) < 0.01  # Euler-Mascheroni
     assert abs(g.var() - math.pi ** 2 / 6) < 0.03
     assert torch.isfinite(g).all()
+    # The extreme hashes give uniforms strictly inside (0, 1), so finite noise.
+    u = uniform_from_hash(torch.tensor([0, (1 << 32) - 1]))
+    assert bool((u > 0).all() and (u < 1).all())
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
