@@ -108,7 +108,7 @@ class Engine:
         except torch.OutOfMemoryError:  # the estimate was optimistic (fragmentation, other users)
             raise CapacityError(_capacity_message(self.cfg, dtype, free_device_memory(self.device),
                                                   max_sessions, kv_dtype)) from None
-        self.kv_dtype = self.lm.model.caches[0].k.dtype
+
         self.mimi = bundle.mimi
         self.mimi.streaming_forever(max_sessions)
         self.slots: list[Slot | None] = [None] * max_sessions
@@ -123,6 +123,16 @@ class Engine:
         # Benchmarks set `profile` to time the stages (it synchronises the device between them).
         self.profile = False
         self.last_timings: dict[str, float] = {}
+
+    def describe(self) -> dict:
+        """What this engine runs on, for /api/stats and logs."""
+        from kernels.dispatch import kernel_backend, use_triton
+        probe = self.lm.model.text_linear.weight
+        return {"checkpoint": self.bundle.name, "device": str(self.device),
+                "dtype": str(probe.dtype).removeprefix("torch."),
+                "kv_cache": str(self.lm.model.caches[0].k.dtype).removeprefix("torch."),
+                "kernels": "triton" if use_triton(probe) else "torch",
+                "kernels_setting": kernel_backend(), "cuda_graphs": self.lm.cuda_graph}
 
     # -- slot table ------------------------------------------------------------------------------
     @property

@@ -134,7 +134,8 @@ def stats(agent, chat) -> dict:
         "capacity": agent.max_conversations,
         "conversations": [{"id": c.id, "slot": c.slot, "backlog": c.backlog, **c.stats.as_dict()}
                           for c in agent.conversations()],
-        "engine": {  # timings over the last ticks (up to 2000)
+        "engine": {  # what runs, and timings over the last ticks (up to 2000)
+            **agent.engine.describe(),
             "ticks": driver.ticks,
             "failed_ticks": driver.failed_ticks,
             "tick_ms_p50": _percentile(tick_ms, 0.5),
@@ -266,8 +267,11 @@ async def serve(agent, host: str, port: int, policy=None, ssl_context=None,
         await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
         port = runner.addresses[0][1]  # the real one when port 0 was asked
         scheme = "https" if ssl_context else "http"
-        print(f"serving on {scheme}://{host}:{port} ({agent.max_conversations} conversations max)",
-              flush=True)
+        engine = agent.engine.describe()
+        print(f"serving on {scheme}://{host}:{port} ({agent.max_conversations} conversations max; "
+              f"{engine['checkpoint']} on {engine['device']}, {engine['dtype']}, KV cache "
+              f"{engine['kv_cache']}, {engine['kernels']} kernels, CUDA graphs "
+              f"{'on' if engine['cuda_graphs'] else 'off'})", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -154,6 +154,9 @@ async def test_conversation_streams_audio_and_text(server, session, speech):
 
     stats = await get_stats(session, server)
     assert stats["active"] == 1 and stats["capacity"] == CAPACITY
+    assert stats["engine"]["checkpoint"] == "tiny-random" and stats["engine"]["device"] == "cpu"
+    assert stats["engine"]["kv_cache"] == "float32" and stats["engine"]["kernels"] == "torch"
+    assert stats["engine"]["cuda_graphs"] is False
     (conv,) = stats["conversations"]
     assert conv["frames_in"] == len(speech) // FRAME_SIZE and conv["dropped_input_frames"] == 0
     assert stats["engine"]["ticks"] > 0 and stats["engine"]["tick_ms_p50"] > 0
@@ -306,7 +309,7 @@ async def test_serve_command(session):
     proc, url, output = await start_serve("--checkpoint", "tiny-random", "--port", "0",
                                           "--device", "cpu", "--max-sessions", "2")
     try:
-        assert b"(2 conversations max)" in output
+        assert b"(2 conversations max; tiny-random on cpu" in output
         client = await Client.connect(session, url)
         assert await client.wait_for(lambda: client.messages)
         stats = await get_stats(session, url)
