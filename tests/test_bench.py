@@ -25,3 +25,21 @@ def test_bench_cpu_tiny(tmp_path):
         assert row["encode_p50_ms"] > 0 and row["lm_p50_ms"] > 0 and row["decode_p50_ms"] > 0
     assert result.with_suffix(".png").stat().st_size > 10_000
     assert "ours" in r.stdout and "moshi" in r.stdout
+
+
+def test_lm_floor_is_the_reference_figures():
+    """../shared/reference/performance.md: at a 3.0 TB/s measured copy rate, an H100's floor is
+    5.44 ms per frame for one conversation at full context and 21.7 ms for 32."""
+    import torch
+
+    from agent.bench import lm_floor_ms
+    from agent.config import LMConfig
+    cfg, bw = LMConfig.moshiko(), 3.0e12
+    assert round(lm_floor_ms(cfg, 1, True, 2, bw), 2) == 5.44
+    assert round(lm_floor_ms(cfg, 32, True, 2, bw), 1) == 21.7
+    assert lm_floor_ms(cfg, 32, False, 2, bw) == lm_floor_ms(cfg, 1, False, 2, bw)  # weights only
+    # float8 KV halves the KV part.
+    kv_bf16 = lm_floor_ms(cfg, 32, True, 2, bw) - lm_floor_ms(cfg, 32, False, 2, bw)
+    kv_fp8 = lm_floor_ms(cfg, 32, True, 1, bw) - lm_floor_ms(cfg, 32, False, 1, bw)
+    assert abs(kv_fp8 - kv_bf16 / 2) < 1e-9
+    assert torch.empty((), dtype=torch.float8_e4m3fn).element_size() == 1
