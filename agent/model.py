@@ -14,14 +14,9 @@ import torch.nn.functional as F
 
 from agent.config import LMConfig
 from kernels.decode_attention import decode_attention
+from kernels.embedding import embed_add
 from kernels.rms_norm import rms_norm
 from kernels.silu_gate import silu_gate
-
-
-def embed(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
-    """Embedding lookup where id -1 means "no input on this stream": an exact zero vector."""
-    y = table(ids.clamp(min=0))
-    return torch.where((ids == -1).unsqueeze(-1), torch.zeros((), dtype=y.dtype, device=y.device), y)
 
 
 class RMSNorm(nn.Module):
@@ -165,11 +160,11 @@ class MoshiLM(nn.Module):
         """tokens [B, 17] (text, 8 agent codes, 8 user codes) at `positions` [B].
         Returns the normalised hidden state [B, dim] and text logits [B, text_card]."""
         assert self.caches is not None, "call setup_caches() first"
+        # Embeddings summed stream by stream (id -1: no input, a zero vector), text last.
         x = None
         for i, table in enumerate(self.emb):
-            e = embed(table, tokens[:, 1 + i])
-            x = e if x is None else x + e
-        pending = embed(self.text_emb, tokens[:, 0])  # added by the first norm
+            x = embed_add(table.weight, tokens[:, 1 + i], x)
+        pending = embed_add(self.text_emb.weight, tokens[:, 0])  # added by the first norm
         for layer, cache in zip(self.transformer.layers, self.caches):
             x, pending = layer(x, pending, cache, positions, exec_mask, self.cfg.max_period)
         _, h = self.out_norm(x, add=pending)
@@ -182,7 +177,7 @@ class MoshiLM(nn.Module):
         assert self.dep_caches is not None
         x = self.depformer_in[step](h)
         table = self.depformer_text_emb if step == 0 else self.depformer_emb[step - 1]
-        pending = embed(table, prev_token)  # added by the first norm
+        pending = embed_add(table.weight, prev_token)  # added by the first norm
         positions = torch.full_like(prev_token, step)
         for layer, cache in zip(self.depformer.layers, self.dep_caches):
             x, pending = layer(x, pending, cache, positions, exec_mask, step)

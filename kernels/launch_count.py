@@ -44,11 +44,8 @@ class _CountAten(TorchDispatchMode):
 @contextlib.contextmanager
 def _count_triton(aten: _CountAten):
     """Counts launches of every Triton kernel in `kernels` (InterpretedFunction or JITFunction)."""
-    import importlib
     patched = []
-    for mod_name in ("kernels.decode_attention", "kernels.rms_norm", "kernels.silu_gate",
-                     "kernels.sampling"):
-        mod = importlib.import_module(mod_name)
+    for mod in [m for name, m in sys.modules.items() if name.startswith("kernels.")]:
         for attr, fn in list(vars(mod).items()):
             if attr.startswith("_") and attr.endswith("_kernel") and hasattr(fn, "__getitem__"):
                 class Counting:

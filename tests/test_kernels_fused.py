@@ -1,4 +1,4 @@
-"""Fused RMSNorm (+ residual add) and SiLU gating against their torch references, fresh random
+"""Fused RMSNorm (+ residual add), SiLU gating and embedding-add against their torch references, fresh random
 inputs every run (seed in the messages). Triton interpreter on CPU (fp32, fp16), compiled on a
 GPU (bf16 too)."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from kernels.embedding import embed_add_ref, embed_add_triton  # noqa: E402
 from kernels.rms_norm import rms_norm_ref, rms_norm_triton  # noqa: E402
 from kernels.silu_gate import silu_gate_ref, silu_gate_triton  # noqa: E402
 
@@ -57,6 +58,24 @@ def test_silu_gate(dtype, B, H):
                                msg=f"seed={seed} B={B} H={H} {dtype}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,D", [(5, 16), (2049, 100), (129, 4096)])
+def test_embed_add(dtype, N, D):
+    seed = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed)
+    table = randn(g, N, D, dtype=dtype)
+    ids = torch.randint(0, N, (7,), generator=g)
+    ids[1], ids[4] = -1, -2  # no input (zeros), and another negative id (row 0, as the reference)
+    ids = ids.to(DEVICE)
+    acc = randn(g, 7, D, dtype=dtype)
+    ctx = f"seed={seed} N={N} D={D} {dtype}"
+    first = embed_add_triton(table, ids)
+    assert torch.equal(first, embed_add_ref(table, ids)), ctx
+    assert not first[1].any() and torch.equal(first[4], table[0]), ctx
+    # The running sum rounds like the reference's separate add: bit for bit.
+    assert torch.equal(embed_add_triton(table, ids, acc), embed_add_ref(table, ids, acc)), ctx
+
+
 def test_bad_shapes_are_refused():
     x = torch.zeros(2, 8, device=DEVICE)
     with pytest.raises(ValueError, match="alpha"):
@@ -65,6 +84,9 @@ def test_bad_shapes_are_refused():
         rms_norm_triton(x, torch.ones(8, device=DEVICE), 1e-5, torch.zeros(2, 4, device=DEVICE))
     with pytest.raises(ValueError, match="gate_up"):
         silu_gate_triton(torch.zeros(2, 7, device=DEVICE))
+    with pytest.raises(ValueError, match="acc"):
+        embed_add_triton(torch.zeros(4, 8, device=DEVICE), torch.zeros(2, dtype=torch.long,
+                         device=DEVICE), torch.zeros(3, 8, device=DEVICE))
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts on CPU tensors")
@@ -74,7 +96,7 @@ def test_fused_kernels_cut_the_launches_of_a_step():
     from kernels.launch_count import count_step_launches
     on_torch, on_triton = count_step_launches("torch"), count_step_launches("triton")
     assert sum(on_triton.values()) * 3 < sum(on_torch.values())
-    for replaced in ("rsqrt", "mean", "silu", "log", "bitwise_xor",
+    for replaced in ("rsqrt", "mean", "silu", "log", "bitwise_xor", "embedding", "clamp",
                      "_scaled_dot_product_flash_attention_for_cpu"):
         assert on_torch[replaced] > 0 and on_triton[replaced] == 0, replaced
     # Per step: 2 norms per layer + the output norm, one gating and one attention per layer.
@@ -82,3 +104,4 @@ def test_fused_kernels_cut_the_launches_of_a_step():
     assert on_triton["triton:_rms_norm_kernel"] == 2 * layers + 1
     assert on_triton["triton:_silu_gate_kernel"] == layers
     assert on_triton["triton:_sample_kernel"] == 9
+    assert on_triton["triton:_embed_add_kernel"] == 16 + 1 + 8  # audio, text, one per depformer step
