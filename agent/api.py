@@ -69,12 +69,19 @@ class ConversationStats:
 
     def as_dict(self) -> dict:
         lat = sorted(self.frame_latency_ms)
-        pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 2)) if lat else (lambda q: None)
         return {"frames_in": self.frames_in, "frames_out": self.frames_out,
                 "dropped_input_frames": self.dropped_input_frames,
                 "dropped_output_frames": self.dropped_output_frames,
                 "text_pieces": self.text_pieces,
-                "frame_latency_ms_p50": pct(0.5), "frame_latency_ms_p99": pct(0.99)}
+                "frame_latency_ms_p50": percentile(lat, 0.5),
+                "frame_latency_ms_p99": percentile(lat, 0.99)}
+
+
+def percentile(ordered: list[float], q: float, digits: int = 2) -> float | None:
+    """The q-quantile of an ascending list (nearest rank below), rounded; None if empty."""
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], digits)
 
 
 _ids = itertools.count(1)

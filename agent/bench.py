@@ -70,11 +70,12 @@ def bench(device, sessions: list[int], steps: int, reference: bool = True,
         sessions = [n for n in sessions if n <= fit]
     probe_cfg = probe.config
     del probe
-    rows = []
+    rows, described = [], {}
     for n in sessions:
         for context in ("empty", "full"):
             bundle = bundle_factory()
             engine = Engine(bundle, n, kv_dtype=kv_dtype)
+            described = engine.describe()
             for _ in range(n):
                 engine.open()
             engine.profile = True
@@ -88,19 +89,18 @@ def bench(device, sessions: list[int], steps: int, reference: bool = True,
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     meta = _meta(device, cfg_name)
-    meta["kv_cache"] = str(kv_dtype or weights.dtype).removeprefix("torch.")
-    meta["cuda_graphs"] = device.type == "cuda" and os.environ.get("AGENT_CUDA_GRAPHS", "1") != "0"
+    meta["kv_cache"] = described.get("kv_cache")
+    meta["cuda_graphs"] = described.get("cuda_graphs")
     if device.type == "cuda":
         # The floor of an LM step: weights read once, plus every executing conversation's KV
         # window (full context: all `context` steps), at the measured copy bandwidth.
         bandwidth = _copy_bandwidth(device)
-        kv_items = {"ours": torch.empty((), dtype=kv_dtype or weights.dtype).element_size(),
-                    "moshi": weights.element_size()}
+        kv_dtypes = {"ours": kv_dtype or weights.dtype, "moshi": weights.dtype}
         meta["copy_bandwidth_gbps"] = round(bandwidth / 1e9, 1)
         meta["bandwidth_floor_ms_b1"] = round(MOSHIKO_BYTES_PER_STEP / bandwidth * 1e3, 3)
         for row in rows:
             floor = lm_floor_ms(probe_cfg, row["sessions"], row["context"] == "full",
-                                kv_items[row["impl"]], bandwidth)
+                                kv_dtypes[row["impl"]], bandwidth)
             row["lm_floor_ms"] = round(floor, 3)
             row["lm_over_floor"] = round(row["lm_p50_ms"] / floor, 2)
     return {"meta": meta, "rows": rows}
@@ -109,7 +109,7 @@ def bench(device, sessions: list[int], steps: int, reference: bool = True,
 def _model_factory(device):
     import torch
 
-    from agent.config import LMConfig
+    from agent.config import LMConfig, SamplingConfig
     from checkpoints.loader import AgentBundle, load_checkpoint
     if device.type != "cuda":
         base = load_checkpoint("tiny-random", device)
@@ -133,8 +133,7 @@ def _model_factory(device):
 
     def real():
         mimi = loaders.get_mimi(None, device=device)
-        return AgentBundle("moshiko-random", cfg, model, mimi, tokenizer, __import__(
-            "agent.config", fromlist=["SamplingConfig"]).SamplingConfig())
+        return AgentBundle("moshiko-random", cfg, model, mimi, tokenizer, SamplingConfig())
     return real, "moshiko (random init, bf16)"
 
 
@@ -223,24 +222,24 @@ def _fast_forward_reference(gen, lm, position: int) -> None:
 
 
 def _row(impl, n, context, stages) -> dict:
-    def pct(xs, q):
-        xs = sorted(xs)
-        return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3)
+    from agent.api import percentile
     row = {"impl": impl, "sessions": n, "context": context}
     for k, xs in stages.items():
         row[f"{k}_p50_ms"] = round(statistics.median(xs), 3)
-        row[f"{k}_p99_ms"] = pct(xs, 0.99)
+        row[f"{k}_p99_ms"] = percentile(sorted(xs), 0.99, digits=3)
     return row
 
 
 def _meta(device, cfg_name) -> dict:
-    import torch
     import moshi
+    import torch
+
+    from kernels.dispatch import kernel_backend
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"{_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     return {"date": datetime.date.today().isoformat(), "device": device.type, "device_name": name,
             "model": cfg_name, "torch": torch.__version__, "moshi": moshi.__version__,
-            "kernels": os.environ.get("AGENT_KERNELS", "auto"),
+            "kernels": kernel_backend(),
             "python": platform.python_version()}
 
 
@@ -254,12 +253,13 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def lm_floor_ms(cfg, sessions: int, full_context: bool, kv_item: int, bandwidth: float) -> float:
+def lm_floor_ms(cfg, sessions: int, full_context: bool, kv_dtype, bandwidth: float) -> float:
     """The memory-bound floor of one LM step: the weights read once, plus each conversation's
     KV window (all `context` steps when full, ~none when empty), at `bandwidth` bytes/s."""
+    from agent.engine import kv_bytes_per_step
     window = cfg.context if full_context else 0
-    kv_per_step = 2 * cfg.num_layers * cfg.dim * kv_item
-    return (MOSHIKO_BYTES_PER_STEP + sessions * window * kv_per_step) / bandwidth * 1e3
+    kv = sessions * window * kv_bytes_per_step(cfg, kv_dtype)
+    return (MOSHIKO_BYTES_PER_STEP + kv) / bandwidth * 1e3
 
 
 def _copy_bandwidth(device) -> float:

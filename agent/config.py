@@ -62,11 +62,11 @@ class LMConfig:
 
     @property
     def ffn_hidden(self) -> int:
-        return _gating_hidden(self.dim, int(self.hidden_scale * self.dim))
+        return gating_hidden(self.dim, int(self.hidden_scale * self.dim))
 
     @property
     def depformer_ffn_hidden(self) -> int:
-        return _gating_hidden(self.depformer_dim, self.depformer_dim_feedforward)
+        return gating_hidden(self.depformer_dim, self.depformer_dim_feedforward)
 
     @property
     def num_codebooks(self) -> int:
@@ -143,7 +143,7 @@ class LMConfig:
         return cfg
 
 
-def _gating_hidden(dim: int, dim_feedforward: int) -> int:
+def gating_hidden(dim: int, dim_feedforward: int) -> int:
     # The reference's ActivationGating rule: 21/8 * dim when the FFN is exactly 4x, else 2/3.
     if dim_feedforward == 4 * dim:
         return (21 * dim) // 8

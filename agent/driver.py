@@ -54,9 +54,14 @@ class EngineDriver(threading.Thread):
         conversations = self.agent.conversations()
         if not any(c.backlog for c in conversations):
             return False
+        # Wait for the stragglers, woken by each frame that arrives, until the window closes.
         deadline = time.monotonic() + self.gather_window_s
-        while time.monotonic() < deadline and not all(c.backlog for c in conversations):
-            time.sleep(0.001)
+        while not all(c.backlog for c in conversations):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wake.wait(remaining)
+            self._wake.clear()
         frames, taken = {}, {}
         for conv in conversations:
             item = conv._take_frame()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,13 +39,16 @@ RESERVED_BYTES = 1 << 30
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
 
 
+def kv_bytes_per_step(cfg, kv_dtype: torch.dtype) -> int:
+    """Temporal KV cache bytes of one step of one conversation (512 KiB for moshiko in bf16)."""
+    return 2 * cfg.num_layers * cfg.dim * kv_dtype.itemsize
+
+
 def bytes_per_conversation(cfg, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> int:
     """Memory one slot needs: the temporal ring KV cache (3000 steps x 32 layers for moshiko:
     1.57 GB in bf16, 0.79 GB in float8), the depformer's, and a fixed overhead."""
-    item = torch.empty((), dtype=dtype).element_size()
-    kv_item = torch.empty((), dtype=kv_dtype or dtype).element_size()
-    temporal = 2 * cfg.num_layers * cfg.dim * cfg.context * kv_item
-    depth = 2 * cfg.depformer_num_layers * cfg.depformer_dim * cfg.dep_q * item
+    temporal = kv_bytes_per_step(cfg, kv_dtype or dtype) * cfg.context
+    depth = 2 * cfg.depformer_num_layers * cfg.depformer_dim * cfg.dep_q * dtype.itemsize
     return temporal + depth + PER_SLOT_OVERHEAD_BYTES
 
 
@@ -84,7 +87,7 @@ class FrameOut:
 
 @dataclass
 class Slot:
-    sampling: SamplingConfig  # with its seed decided
+    sampling: SamplingConfig  # a seed of None is drawn at reset (LMGen.reset)
     steps: int = 0
 
 
@@ -114,10 +117,12 @@ class Engine:
         self.slots: list[Slot | None] = [None] * max_sessions
         self._pending_reset: set[int] = set()
         self._lock = threading.Lock()  # open/close may come from other threads than tick
-        self._pcm_in = torch.zeros(max_sessions, 1, FRAME_SIZE, device=self.device)
-        # Frames are gathered on the host, then cross to the device in one copy.
-        self._pcm_host = self._pcm_in if self.device.type == "cpu" else torch.zeros(
-            max_sessions, 1, FRAME_SIZE, pin_memory=True)
+        # Per-tick inputs live in preallocated buffers: filled on the host, then one copy each
+        # to the device from pinned memory (on CPU the host buffer is the device buffer).
+        self._pcm_host, self._pcm_in = self._buffer_pair((max_sessions, 1, FRAME_SIZE), torch.float32)
+        self._exec_host, self._exec_dev = self._buffer_pair((max_sessions,), torch.bool)
+        self._ready_host, self._ready_dev = self._buffer_pair((max_sessions,), torch.bool)
+        self._reset_host, self._reset_dev = self._buffer_pair((max_sessions,), torch.bool)
         self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
         self._no_text = {self.cfg.text_pad_id, self.cfg.text_epad_id}
         # Benchmarks set `profile` to time the stages (it synchronises the device between them).
@@ -142,9 +147,7 @@ class Engine:
     def open(self, sampling: SamplingConfig | None = None) -> int:
         """Claim a free slot for a new conversation. Its state is reset at the start of the next
         tick, on the thread that runs ticks, so this is safe to call while a tick runs."""
-        sampling = (sampling or self.bundle.sampling).validated()
-        if sampling.seed is None:
-            sampling = replace(sampling, seed=int.from_bytes(os.urandom(6), "little"))
+        sampling = (sampling or self.bundle.sampling).validated()  # errors on the caller's thread
         with self._lock:
             free = [i for i, s in enumerate(self.slots) if s is None]
             if not free:
@@ -164,11 +167,10 @@ class Engine:
             self._pending_reset.clear()
         if not rows:
             return
-        mask = torch.zeros(self.max_sessions, dtype=torch.bool, device=self.device)
         for row, slot in rows:
             self.lm.reset(row, slot.sampling)
-            mask[row] = True
-        self.mimi.reset_streaming(mask)
+        self.mimi.reset_streaming(self._row_mask([row for row, _ in rows], self._reset_host,
+                                                 self._reset_dev))
 
     # -- one tick --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -189,12 +191,11 @@ class Engine:
         # Which rows run, and which are past the model's delays (their first frame returns no
         # audio), is known here on the host: no device round trip until the results are read.
         ready_rows = [row for row in rows if slots[row].steps >= self.cfg.max_delay]
-        exec_mask = self._row_mask(rows)
+        exec_mask = self._row_mask(rows, self._exec_host, self._exec_dev)
         self._pcm_host.zero_()
         for row, pcm in frames.items():
             self._pcm_host[row, 0] = torch.as_tensor(pcm, dtype=torch.float32)
-        if self._pcm_host is not self._pcm_in:
-            self._pcm_in.copy_(self._pcm_host, non_blocking=True)
+        self._to_device(self._pcm_host, self._pcm_in)
 
         t0 = self._mark()
         self.mimi.set_exec_mask(exec_mask)
@@ -204,9 +205,9 @@ class Engine:
         t2 = self._mark()
         pcm_out = None
         if ready_rows:
-            ready = self._row_mask(ready_rows)
+            ready = self._row_mask(ready_rows, self._ready_host, self._ready_dev)
             self.mimi.set_exec_mask(ready)
-            agent_codes = torch.where(ready.view(-1, 1), out[:, 1:], torch.zeros_like(out[:, 1:]))
+            agent_codes = out[:, 1:].clamp(min=0)  # rows not ready hold -2: decode zeros there
             pcm_out = self.mimi.decode(agent_codes.unsqueeze(-1))[:, 0].float().cpu().numpy()
         out = out.cpu()
         if self.profile:
@@ -223,10 +224,24 @@ class Engine:
             slot.steps += 1
         return results
 
-    def _row_mask(self, rows: list[int]) -> torch.Tensor:
-        mask = torch.zeros(self.max_sessions, dtype=torch.bool)
-        mask[rows] = True
-        return mask.to(self.device, non_blocking=True)
+    def _buffer_pair(self, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type == "cpu":
+            buf = torch.zeros(shape, dtype=dtype)
+            return buf, buf
+        return (torch.zeros(shape, dtype=dtype, pin_memory=True),
+                torch.zeros(shape, dtype=dtype, device=self.device))
+
+    @staticmethod
+    def _to_device(host: torch.Tensor, dev: torch.Tensor) -> None:
+        # Safe to refill `host` next tick: every tick ends by reading its results back (a sync).
+        if host is not dev:
+            dev.copy_(host, non_blocking=True)
+
+    def _row_mask(self, rows: list[int], host: torch.Tensor, dev: torch.Tensor) -> torch.Tensor:
+        host.zero_()
+        host[rows] = True
+        self._to_device(host, dev)
+        return dev
 
     def _mark(self) -> float:
         if self.profile and self.device.type == "cuda":

@@ -41,7 +41,6 @@ class LMGen:
         self.model = model
         device = model.text_linear.weight.device
         model.setup_caches(batch, kv_dtype)
-        self.batch = batch
         self.ring = cfg.max_delay + 2
         self.cache = torch.full((batch, cfg.num_codebooks, self.ring), UNGENERATED,
                                 dtype=torch.long, device=device)

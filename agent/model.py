@@ -59,7 +59,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, heads: int, steps: int = 1):
         super().__init__()
-        self.dim, self.heads, self.steps = dim, heads, steps
+        self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(steps * 3 * dim, dim))
         self.out_proj = nn.Linear(dim, steps * dim, bias=False)
 
@@ -135,6 +135,7 @@ class MoshiLM(nn.Module):
                                      for _ in range(cfg.dep_q))
         self.caches: nn.ModuleList | None = None
         self.dep_caches: nn.ModuleList | None = None
+        self.dep_positions: torch.Tensor | None = None
 
     # -- state -----------------------------------------------------------------------------------
     def setup_caches(self, batch: int, kv_dtype: torch.dtype | None = None) -> None:
@@ -149,10 +150,8 @@ class MoshiLM(nn.Module):
             KVCache(batch, cfg.depformer_num_heads, cfg.dep_q,
                     cfg.depformer_dim // cfg.depformer_num_heads, p.dtype, p.device)
             for _ in range(cfg.depformer_num_layers))
-
-    @property
-    def batch_size(self) -> int:
-        return 0 if self.caches is None else self.caches[0].k.shape[0]
+        # Depformer sub-step k sits at position k of its 8-slot cache, for every row.
+        self.dep_positions = torch.arange(cfg.dep_q, device=p.device).view(-1, 1).repeat(1, batch)
 
     # -- one step --------------------------------------------------------------------------------
     def forward_temporal(self, tokens: torch.Tensor, positions: torch.Tensor,
@@ -178,7 +177,7 @@ class MoshiLM(nn.Module):
         x = self.depformer_in[step](h)
         table = self.depformer_text_emb if step == 0 else self.depformer_emb[step - 1]
         pending = embed_add(table.weight, prev_token)  # added by the first norm
-        positions = torch.full_like(prev_token, step)
+        positions = self.dep_positions[step]
         for layer, cache in zip(self.depformer.layers, self.dep_caches):
             x, pending = layer(x, pending, cache, positions, exec_mask, step)
         return self.linears[step](x + pending)

@@ -24,6 +24,7 @@ From the segments:
 """
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections import deque
 
 import numpy as np
@@ -147,47 +148,61 @@ class TurnTaking:
         return {"user": self.user.segments() if self.user else [],
                 "agent": self.agent.segments() if self.agent else []}
 
-    def response_latencies(self) -> list[float]:
-        segs = self.segments()
+    # Each side's segments are in time order and do not overlap (a segment closes before the
+    # next one starts), so every lookup below is a binary search, not a scan: summary() runs
+    # on the event loop every half second for conversations of any length.
+    def response_latencies(self, segs: dict | None = None) -> list[float]:
+        segs = segs or self.segments()
         user, agent = segs["user"], segs["agent"]
+        agent_starts = [a0 for a0, _ in agent]
         out = []
         for i, (_, u_end) in enumerate(user):
             next_user = user[i + 1][0] if i + 1 < len(user) else float("inf")
-            if _speaking(agent, u_end):
+            if _speaking(agent, agent_starts, u_end):
                 continue  # the agent was already talking: overlap, not an answer
-            starts = [a0 for a0, _ in agent if u_end <= a0 <= u_end + self.max_response_s
-                      and a0 < next_user]
-            if starts:
-                out.append(min(starts) - u_end)
+            j = bisect_left(agent_starts, u_end)  # the first agent start at or after u_end
+            if j < len(agent) and agent_starts[j] <= u_end + self.max_response_s \
+                    and agent_starts[j] < next_user:
+                out.append(agent_starts[j] - u_end)
         return out
 
-    def barge_ins(self) -> list[dict]:
+    def barge_ins(self, segs: dict | None = None) -> list[dict]:
         """Each user start during agent speech: {"t", "reaction" (s until the agent stopped),
         "yielded"}."""
-        segs = self.segments()
+        segs = segs or self.segments()
+        agent = segs["agent"]
+        agent_starts = [a0 for a0, _ in agent]
         out = []
         for u0, _ in segs["user"]:
-            for a0, a1 in segs["agent"]:
-                if a0 < u0 < a1:
-                    reaction = a1 - u0
-                    out.append({"t": round(u0, 3), "reaction": round(reaction, 3),
-                                "yielded": reaction <= self.max_reaction_s})
+            j = bisect_left(agent_starts, u0) - 1  # the last agent segment starting before u0
+            if j >= 0 and u0 < agent[j][1]:
+                reaction = agent[j][1] - u0
+                out.append({"t": round(u0, 3), "reaction": round(reaction, 3),
+                            "yielded": reaction <= self.max_reaction_s})
         return out
 
-    def agent_interruptions(self) -> int:
+    def agent_interruptions(self, segs: dict | None = None) -> int:
         """How often the agent started while the user was speaking."""
-        segs = self.segments()
-        return sum(_speaking(segs["user"], a0, strict=True) for a0, _ in segs["agent"])
+        segs = segs or self.segments()
+        user_starts = [u0 for u0, _ in segs["user"]]
+        return sum(_speaking(segs["user"], user_starts, a0, strict=True) for a0, _ in segs["agent"])
 
-    def overlap_s(self) -> float:
-        segs = self.segments()
-        return sum(max(0.0, min(u1, a1) - max(u0, a0))
-                   for u0, u1 in segs["user"] for a0, a1 in segs["agent"])
+    def overlap_s(self, segs: dict | None = None) -> float:
+        segs = segs or self.segments()
+        agent = segs["agent"]
+        agent_ends = [a1 for _, a1 in agent]
+        total = 0.0
+        for u0, u1 in segs["user"]:
+            j = bisect_right(agent_ends, u0)  # the first agent segment ending after u0
+            while j < len(agent) and agent[j][0] < u1:
+                total += max(0.0, min(u1, agent[j][1]) - max(u0, agent[j][0]))
+                j += 1
+        return total
 
     def summary(self) -> dict:
         segs = self.segments()
-        lat = self.response_latencies()
-        barge = self.barge_ins()
+        lat = self.response_latencies(segs)
+        barge = self.barge_ins(segs)
         reactions = [b["reaction"] for b in barge if b["yielded"]]
         return {
             "user_segments": len(segs["user"]),
@@ -201,13 +216,17 @@ class TurnTaking:
             "barge_ins_yielded": len(reactions),
             "barge_in_reaction_p50_s": _p50(reactions),
             "barge_in_reaction_mean_s": _mean(reactions),
-            "agent_interruptions": self.agent_interruptions(),
-            "overlap_s": round(self.overlap_s(), 3),
+            "agent_interruptions": self.agent_interruptions(segs),
+            "overlap_s": round(self.overlap_s(segs), 3),
         }
 
 
-def _speaking(segs: list[tuple[float, float]], t: float, strict: bool = False) -> bool:
-    return any((s < t < e) if strict else (s <= t < e) for s, e in segs)
+def _speaking(segs: list[tuple[float, float]], starts: list[float], t: float,
+              strict: bool = False) -> bool:
+    """Whether t falls inside one of the (ordered, disjoint) segments, whose starts are given:
+    only the last one starting before t (or at t, unless strict) can hold it."""
+    j = (bisect_left if strict else bisect_right)(starts, t) - 1
+    return j >= 0 and t < segs[j][1]
 
 
 def _p50(xs: list[float]) -> float | None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from agent.config import TEXT_PAD_ID
+from agent.config import TEXT_PAD_ID, gating_hidden
 
 # Constructor defaults of transformers' MoshiConfig / MoshiDepthConfig / MimiConfig (= the real
 # moshiko and kyutai/mimi architecture): a config.json may omit values equal to them.
@@ -101,7 +101,7 @@ def _lm_configs(config: dict) -> tuple[dict, dict]:
     return main, depth
 
 
-def _audio_encoder_config(config: dict) -> dict:
+def audio_encoder_config(config: dict) -> dict:
     # `audio_encoder` is the key used by early versions of the port.
     return config.get("audio_encoder_config") or config.get("audio_encoder") or {}
 
@@ -114,19 +114,12 @@ def _check_attention(cfg: dict, where: str) -> None:
              f"{where}: grouped-query attention (num_key_value_heads != heads) is not supported")
 
 
-def _gating_hidden(dim: int, dim_feedforward: int) -> int:
-    # moshi's ActivationGating: 21/8 * dim when the FFN is exactly 4x, else 2/3 of dim_feedforward.
-    if dim_feedforward == 4 * dim:
-        return (21 * dim) // 8
-    return (2 * dim_feedforward) // 3
-
-
 def _dim_feedforward_for(dim: int, hidden: int, where: str) -> int:
     """moshi `dim_feedforward` whose gating hidden width is `hidden` (HF's ffn_dim is the width of
     `linear_in`, i.e. 2 * hidden)."""
     first = -(-3 * hidden // 2)  # ceil(1.5 * hidden)
     for dim_feedforward in (first, first + 1, 4 * dim):
-        if _gating_hidden(dim, dim_feedforward) == hidden:
+        if gating_hidden(dim, dim_feedforward) == hidden:
             return dim_feedforward
     raise ValueError(f"HF Moshi config: {where} ffn_dim {2 * hidden} has no moshi equivalent")
 
@@ -154,7 +147,7 @@ def hf_config_to_moshi(config: dict) -> dict:
     _require(depth["num_codebooks"] in (None, dep_q), "depth num_codebooks != num_codebooks")
     card = main["audio_vocab_size"]
     if card is None:
-        card = _audio_encoder_config(config).get("codebook_size", _MIMI_DEFAULTS["codebook_size"])
+        card = audio_encoder_config(config).get("codebook_size", _MIMI_DEFAULTS["codebook_size"])
 
     dim, depformer_dim = main["hidden_size"], depth["hidden_size"]
     dim_feedforward = _dim_feedforward_for(dim, main["ffn_dim"] // 2, "decoder")

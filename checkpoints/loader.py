@@ -239,8 +239,7 @@ def _load_hf_layout(name: str, root: Path, raw: dict, device, dtype) -> AgentBun
     model = _build_lm(cfg, hf_format.hf_to_kyutai_lm(state, cfg.to_moshi_lm_kwargs()), device,
                       dtype, name)
     from moshi.models import loaders
-    mimi_cfg = hf_format.hf_mimi_config_to_moshi(
-        raw.get("audio_encoder_config") or raw.get("audio_encoder") or {})
+    mimi_cfg = hf_format.hf_mimi_config_to_moshi(hf_format.audio_encoder_config(raw))
     mimi = loaders.get_mimi(None, mimi_cfg, device=device,
                             num_codebooks=max(cfg.dep_q, cfg.num_user_codebooks))
     mimi.load_state_dict(hf_format.hf_to_kyutai_mimi(state, mimi_cfg), strict=True)

@@ -11,6 +11,7 @@ Returns the attention output [B, H, D] (rows with exec_mask False hold unspecifi
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -19,23 +20,36 @@ import torch.nn.functional as F
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
-def rope_frequencies(head_dim: int, max_period: float, device) -> torch.Tensor:
-    # Same expression as the reference so that fp32 angles are bit-identical.
+@functools.lru_cache(maxsize=None)
+def rope_frequencies(head_dim: int, max_period: float, device: torch.device) -> torch.Tensor:
+    """[head_dim / 2] fp32, built once per shape and device (by a warm-up call, before any CUDA
+    graph capture) with the reference's own expression, so that the fp32 angles pos * freq are
+    bit-identical to it (an in-kernel exp would differ by an ulp, which at positions ~1e5 moves
+    the angle by ~1e-2 rad)."""
     ds = torch.arange(head_dim // 2, device=device, dtype=torch.float32)
     return torch.exp(ds * (-math.log(max_period) * 2 / head_dim))
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, max_period: float) -> torch.Tensor:
-    """Interleaved RoPE on [B, H, D] (pairs (2i, 2i+1)) at one absolute position per row, in fp32."""
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, max_period: float):
+    """cos and sin [B, 1, D/2] of the angles at one absolute position per row."""
+    freqs = rope_frequencies(head_dim, float(max_period), positions.device)
+    angles = freqs * positions.float().view(-1, 1, 1)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved RoPE on [B, H, D] (pairs (2i, 2i+1)), in fp32, rounded back to x's dtype."""
     B, H, D = x.shape
-    freqs = rope_frequencies(D, max_period, x.device)
-    angles = freqs * positions.float().view(B, 1, 1)  # [B, 1, D/2]
-    cos, sin = torch.cos(angles), torch.sin(angles)
     pairs = x.view(B, H, D // 2, 2)
     xr, xi = pairs[..., 0].float(), pairs[..., 1].float()
     out_r = xr * cos - xi * sin
     out_i = xr * sin + xi * cos
     return torch.stack([out_r.to(x.dtype), out_i.to(x.dtype)], dim=-1).view(B, H, D)
+
+
+@functools.lru_cache(maxsize=None)
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device)  # built once: this runs per layer and step
 
 
 def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -45,9 +59,9 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """RoPE (if max_period is not None), ring write for executing rows, masked attention."""
     B, H, C, D = k_cache.shape
     if max_period is not None:
-        q = apply_rope(q, positions, max_period)
-        k = apply_rope(k, positions, max_period)
-    rows = torch.arange(B, device=q.device)
+        cos, sin = rope_cos_sin(positions, D, max_period)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    rows = _arange(B, q.device)
     slots = positions % C
     keep = ~exec_mask.view(B, 1, 1)
     fp8 = k_cache.dtype == torch.float8_e4m3fn
@@ -62,7 +76,7 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if fp8:
         k_cache, v_cache = k_cache.to(q.dtype), v_cache.to(q.dtype)
     # A ring of capacity C written up to `positions` holds exactly the last min(p+1, C) steps.
-    valid = torch.arange(C, device=q.device).view(1, C) <= positions.view(B, 1)
+    valid = _arange(C, q.device).view(1, C) <= positions.view(B, 1)
     out = F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache,
                                          attn_mask=valid.view(B, 1, 1, C))
     return out.squeeze(2)

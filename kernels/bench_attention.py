@@ -106,7 +106,7 @@ def bench_decode_attention(batches=(1, 8, 16, 32, 64), contexts=(250, 1500, 3000
                 "copy_gbps": copy_bw / 1e9, "triton_frac_of_copy": bw / copy_bw,
                 "speedup_vs_sdpa_prefix": t_prefix / t_triton, "speedup_vs_sdpa_masked": t_masked / t_triton,
             })
-        del k_cache, v_cache, k_wide, v_wide
+        k_cache = v_cache = k_wide = v_wide = None  # free before the next batch allocates
     return rows
 
 
@@ -126,6 +126,20 @@ def _int_list(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x)
 
 
+def gpu_missing(name: str) -> bool:
+    """True (after saying so on stderr) when there is no CUDA GPU for benchmark `name`."""
+    if torch.cuda.is_available():
+        return False
+    print(f"{name}: no CUDA GPU available; this benchmark only runs on a GPU.", file=sys.stderr)
+    return True
+
+
+def write_rows(path: str | None, rows: list[dict]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json_path", nargs="?", help="write the rows as JSON here")
@@ -137,18 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_attention: no CUDA GPU available; this benchmark only runs on a GPU.",
-              file=sys.stderr)
+    if gpu_missing("bench_attention"):
         return 2
     rows = bench_decode_attention(args.batches, args.contexts, DTYPES[args.dtype],
                                   H=args.heads, D=args.head_dim, kv_dtype=KV_DTYPES[args.kv_dtype])
     print(f"{rows[0]['device']}, {args.dtype}, KV {rows[0]['kv_dtype']}, H={args.heads}, D={args.head_dim}, "
           f"capacity {CAPACITY}, copy {rows[0]['copy_gbps']:.0f} GB/s")
     print(format_table(rows))
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_rows(args.json_path, rows)
     return 0
 
 

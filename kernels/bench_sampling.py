@@ -7,12 +7,11 @@ Usage: python -m kernels.bench_sampling [results.json] [--batches 1,8,32,64]
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
-from kernels.bench_attention import _int_list, time_cuda
+from kernels.bench_attention import _int_list, gpu_missing, time_cuda, write_rows
 
 
 def bench_sampling(batches=(1, 8, 32, 64), vocabs=(32000, 2048)) -> list[dict]:
@@ -45,9 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("json_path", nargs="?")
     parser.add_argument("--batches", type=_int_list, default=(1, 8, 32, 64))
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_sampling: no CUDA GPU available; this benchmark only runs on a GPU.",
-              file=sys.stderr)
+    if gpu_missing("bench_sampling"):
         return 2
     rows = bench_sampling(args.batches)
     print(f"{rows[0]['device']}: per draw, L2 flushed, median (us)")
@@ -55,9 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['batch']:>4} {r['vocab']:>6} {r['torch_ref_us']:>10.1f} {r['triton_us']:>8.1f} "
               f"{r['speedup']:>6.2f} {r['whole_draw_us']:>11.1f}")
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_rows(args.json_path, rows)
     return 0
 
 

@@ -36,13 +36,8 @@ import math
 import torch
 
 from kernels.attention_ref import decode_attention_ref, rope_frequencies
-from kernels.dispatch import use_triton
+from kernels.dispatch import require_triton, tl, triton, use_triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # e.g. macOS: only the torch path is available
-    triton = None
 
 # Aim for a few resident programs per SM so that enough loads are in flight to saturate HBM.
 PROGRAMS_PER_SM = 4
@@ -75,18 +70,8 @@ def _num_sms(device: torch.device) -> int:
     return INTERPRETER_NUM_SMS
 
 
-@functools.lru_cache(maxsize=None)
-def _rope_table(head_dim: int, max_period: float, device: torch.device) -> torch.Tensor:
-    # Built once with the reference's own expression so the fp32 angles pos * freq are
-    # bit-identical to the reference (an in-kernel exp would differ by an ulp, which at
-    # positions ~1e5 moves the angle by ~1e-2 rad). Create it before CUDA graph capture
-    # (any warm-up call does).
-    return rope_frequencies(head_dim, max_period, device).contiguous()
-
-
-# float8 e4m3 (OCP "fn": no infinities) is the one narrow cache dtype; its largest finite value.
+# float8 e4m3 (OCP "fn": no infinities, largest finite value 448) is the one narrow cache dtype.
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
 
 
 if triton is not None:
@@ -241,8 +226,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     `num_splits` / `block_n` override the heuristics (tests and tuning). Updates
     k_cache/v_cache in place and returns the output [B, H, D] in q's dtype.
     """
-    if triton is None:
-        raise RuntimeError("triton is not installed; use AGENT_KERNELS=torch")
+    require_triton()
     B, H, C, D = k_cache.shape
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
         raise ValueError("k_cache and v_cache must have the same shape and dtype")
@@ -265,7 +249,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     splits = num_splits or choose_num_splits(B * H, C, _num_sms(q.device), block_n)
     block_d = triton.next_power_of_2(D)
     rope = max_period is not None
-    freqs = _rope_table(D, float(max_period), q.device) if rope else positions  # unused if no RoPE
+    freqs = rope_frequencies(D, float(max_period), q.device) if rope else positions  # unused if no RoPE
 
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     single = splits == 1

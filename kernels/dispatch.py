@@ -8,8 +8,15 @@ import torch
 
 try:
     import triton
+    import triton.language as tl
 except ImportError:  # e.g. macOS: only the torch references are available
-    triton = None
+    triton = tl = None
+
+
+def require_triton() -> None:
+    """For the Triton entry points: a clear error where Triton is missing."""
+    if triton is None:
+        raise RuntimeError("triton is not installed; use AGENT_KERNELS=torch")
 
 
 def kernel_backend() -> str:

@@ -12,31 +12,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import require_triton, tl, triton, use_triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
 
 
 def embed_add_ref(table: torch.Tensor, ids: torch.Tensor,
                   acc: torch.Tensor | None = None) -> torch.Tensor:
     e = F.embedding(ids.clamp(min=0), table)
-    e = torch.where((ids == -1).unsqueeze(-1), torch.zeros((), dtype=e.dtype, device=e.device), e)
+    e = torch.where((ids == -1).unsqueeze(-1), 0.0, e)
     return e if acc is None else acc + e
 
 
 if triton is not None:
 
     @triton.jit
-    def _embed_add_kernel(table_ptr, ids_ptr, acc_ptr, out_ptr, N, D, stride_t, stride_acc,
-                          stride_out, HAS_ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _embed_add_kernel(table_ptr, ids_ptr, acc_ptr, out_ptr, N, D, stride_ids, stride_t,
+                          stride_acc, stride_out, HAS_ACC: tl.constexpr, BLOCK_D: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = offs < D
-        idx = tl.load(ids_ptr + b)
+        idx = tl.load(ids_ptr + b * stride_ids)  # ids may be a column of the [B, 17] tokens
         row = tl.minimum(tl.maximum(idx, 0), N - 1)  # never a read outside the table
         present = offs < tl.where(idx == -1, 0, D)  # an all-false mask for id -1
         e = tl.load(table_ptr + row * stride_t + offs, mask=mask & present, other=0.0)
@@ -48,8 +43,7 @@ if triton is not None:
 
 def embed_add_triton(table: torch.Tensor, ids: torch.Tensor,
                      acc: torch.Tensor | None = None) -> torch.Tensor:
-    if triton is None:
-        raise RuntimeError("triton is not installed; use AGENT_KERNELS=torch")
+    require_triton()
     N, D = table.shape
     if ids.dim() != 1 or table.stride(1) != 1:
         raise ValueError("ids must be [B] and the table's rows contiguous")
@@ -60,7 +54,7 @@ def embed_add_triton(table: torch.Tensor, ids: torch.Tensor,
     block = min(1024, triton.next_power_of_2(D))
     src = acc if acc is not None else out
     _embed_add_kernel[(B, triton.cdiv(D, block))](
-        table, ids.contiguous(), src, out, N, D, table.stride(0), src.stride(0), out.stride(0),
+        table, ids, src, out, N, D, ids.stride(0), table.stride(0), src.stride(0), out.stride(0),
         HAS_ACC=acc is not None, BLOCK_D=block, num_warps=4)
     return out
 

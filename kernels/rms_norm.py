@@ -12,13 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import require_triton, tl, triton, use_triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
 
 
 def rms_norm_ref(x: torch.Tensor, alpha: torch.Tensor, eps: float,
@@ -55,8 +50,7 @@ if triton is not None:
 
 def rms_norm_triton(x: torch.Tensor, alpha: torch.Tensor, eps: float,
                     add: torch.Tensor | None = None):
-    if triton is None:
-        raise RuntimeError("triton is not installed; use AGENT_KERNELS=torch")
+    require_triton()
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError("x must be [B, D] with contiguous rows")
     B, D = x.shape

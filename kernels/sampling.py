@@ -20,13 +20,8 @@ import functools
 
 import torch
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import require_triton, tl, triton, use_triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
 
 MASK32 = 0xFFFFFFFF
 # Multipliers below 2**31, so that a 32-bit value times one fits in int64 exactly (torch has no
@@ -124,8 +119,7 @@ if triton is not None:
 def sample_triton(logits: torch.Tensor, temp: torch.Tensor, kth_logit: torch.Tensor,
                   seed_key: torch.Tensor, counter: torch.Tensor, stream: int,
                   greedy: torch.Tensor) -> torch.Tensor:
-    if triton is None:
-        raise RuntimeError("triton is not installed; use AGENT_KERNELS=torch")
+    require_triton()
     B, V = logits.shape
     if logits.dtype != torch.float32 or logits.stride(1) != 1:
         raise ValueError("logits must be contiguous float32 rows")

@@ -10,13 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import require_triton, tl, triton, use_triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
 
 
 def silu_gate_ref(gate_up: torch.Tensor) -> torch.Tensor:
@@ -39,8 +34,7 @@ if triton is not None:
 
 
 def silu_gate_triton(gate_up: torch.Tensor) -> torch.Tensor:
-    if triton is None:
-        raise RuntimeError("triton is not installed; use AGENT_KERNELS=torch")
+    require_triton()
     if gate_up.dim() != 2 or gate_up.stride(-1) != 1 or gate_up.shape[1] % 2:
         raise ValueError("gate_up must be [B, 2H] with contiguous rows")
     B, H = gate_up.shape[0], gate_up.shape[1] // 2

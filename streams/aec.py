@@ -28,26 +28,24 @@ from __future__ import annotations
 import numpy as np
 
 
+FRAME_MS = 10  # WebRTC's audio processing works on 10 ms frames only
+
+
 class EchoCanceller:
-    def __init__(self, rate: int, frame_ms: int = 10, delay_ms: int = 0):
+    def __init__(self, rate: int, delay_ms: int = 0):
         """`rate`: sample rate of both directions (any rate; the module resamples internally).
         `delay_ms`: a hint for the delay between `far_end` and its echo in `capture`
         (playback latency + capture latency); AEC3 estimates the real delay itself."""
         from livekit import rtc  # heavy: loads the native WebRTC library
 
-        if frame_ms != 10:
-            raise ValueError("WebRTC's audio processing works on 10 ms frames only")
         self.rate = rate
-        self.frame = rate * frame_ms // 1000
+        self.frame = rate * FRAME_MS // 1000
         self._rtc = rtc
         # (AEC3 high-passes the capture signal whether or not this filter is asked for.)
         self._apm = rtc.AudioProcessingModule(echo_cancellation=True, high_pass_filter=True)
-        self.set_delay(delay_ms)
+        self._apm.set_stream_delay_ms(int(round(delay_ms)))
         self._far = np.zeros(0, dtype=np.int16)
         self._mic = np.zeros(0, dtype=np.int16)
-
-    def set_delay(self, delay_ms: float) -> None:
-        self._apm.set_stream_delay_ms(int(round(delay_ms)))
 
     @property
     def pending(self) -> int:
@@ -75,11 +73,6 @@ class EchoCanceller:
         self._mic = self._mic[n * self.frame:]
         return out.astype(np.float32) / 32768.0
 
-    def process(self, mic: np.ndarray, far_end: np.ndarray) -> np.ndarray:
-        """One step of both directions: `far_end` played while `mic` was captured."""
-        self.far_end(far_end)
-        return self.capture(mic)
-
     def _frame(self, samples: np.ndarray):
         return self._rtc.AudioFrame(bytearray(samples.tobytes()), self.rate, 1, self.frame)
 
@@ -89,20 +82,14 @@ class PassThrough:
 
     pending = 0
 
-    def __init__(self, rate: int, frame_ms: int = 10, delay_ms: int = 0):
+    def __init__(self, rate: int):
         self.rate = rate
-
-    def set_delay(self, delay_ms: float) -> None:
-        pass
 
     def far_end(self, pcm: np.ndarray) -> None:
         pass
 
     def capture(self, pcm: np.ndarray) -> np.ndarray:
         return np.asarray(pcm, dtype=np.float32)
-
-    def process(self, mic: np.ndarray, far_end: np.ndarray) -> np.ndarray:
-        return self.capture(mic)
 
 
 def _to_int16(pcm: np.ndarray) -> np.ndarray:

@@ -70,6 +70,14 @@ class MoshiChat:
         self.counters = ChatCounters()
         self._sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
 
+    def _count(self, field: str, refused: str | None = None, ws_error: str | None = None) -> None:
+        """One event, counted both for /api/stats (`field`) and for /metrics (its label)."""
+        setattr(self.counters, field, getattr(self.counters, field) + 1)
+        if refused:
+            self.metrics.refused(refused)
+        if ws_error:
+            self.metrics.websocket_error(ws_error)
+
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
         # autoclose=False: on the client's close we free the conversation slot first and only then
         # answer the close, so a client that reconnects right away finds its slot free.
@@ -83,20 +91,17 @@ class MoshiChat:
             sampling = sampling_from_params(request.query, self.agent.sampling_defaults,
                                             strings=True)
         except ValueError as e:
-            self.counters.bad_requests += 1
-            self.metrics.refused("bad_input")
+            self._count("bad_requests", refused="bad_input")
             return await _fail(ws, str(e))
         limit = self.policy.max_per_client
         if limit and self.tracker.count(client) >= limit:
-            self.counters.refused_per_client += 1
-            self.metrics.refused("per_client")
+            self._count("refused_per_client", refused="per_client")
             return await _fail(ws, f"too many conversations from {client}: at most {limit} "
                                    "per client")
         try:
             conv = self.agent.open(sampling)
         except AgentFull:
-            self.counters.refused_full += 1
-            self.metrics.refused("full")
+            self._count("refused_full", refused="full")
             return await _fail(ws, f"server full: all {self.agent.max_conversations} conversations "
                                    "are in use, try again later")
         self.tracker.claim(conv, client, "websocket")
@@ -127,23 +132,17 @@ class MoshiChat:
             if msg.type == WSMsgType.ERROR:  # aiohttp has already closed the socket
                 too_big = getattr(msg.data, "code", None) == WSCloseCode.MESSAGE_TOO_BIG
                 kind = "too_big" if too_big else "protocol"
-                if too_big:
-                    self.counters.too_big += 1
-                else:
-                    self.counters.protocol_errors += 1
-                self.metrics.websocket_error(kind)
+                self._count("too_big" if too_big else "protocol_errors", ws_error=kind)
                 log.info("conversation %s: websocket error: %s", conv.id, msg.data)
                 return kind, None
             data = msg.data
             if msg.type != WSMsgType.BINARY or not data or data[:1] != KIND_AUDIO:
-                self.counters.ignored_messages += 1
-                self.metrics.websocket_error("ignored")
+                self._count("ignored_messages", ws_error="ignored")
                 continue
             try:
                 pcm = reader.append_bytes(data[1:])
             except Exception as e:  # sphn raises ValueError for anything it cannot parse or decode
-                self.counters.bad_audio += 1
-                self.metrics.websocket_error("bad_audio")
+                self._count("bad_audio", ws_error="bad_audio")
                 return "bad_input", ("invalid audio message: expected Ogg/Opus pages, 24 kHz mono "
                                      f"({e})")
             if len(pcm):

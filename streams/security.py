@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import re
 import ssl
@@ -89,9 +88,10 @@ def origin_allowed(request: web.Request, allowed: frozenset[str]) -> bool:
     return origin in allowed or origin == f"{request.scheme}://{request.host}".lower()
 
 
-def refusal(status: int, message: str, **extra) -> web.Response:
-    """The JSON shape of every refusal, as server.refuse_full and streams/webrtc.py answer."""
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def refusal(status: int, message: str, headers: dict | None = None, **extra) -> web.Response:
+    """The JSON shape of every refusal: {"error": message, **extra}."""
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer", **(headers or {})}
     return web.json_response({"error": message, **extra}, status=status, headers=headers)
 
 
@@ -113,12 +113,14 @@ def guard_middleware(policy: Policy, tracker: "ConversationTracker", metrics):
             return await _guard_offer(request, handler)
         return await handler(request)
 
+    def too_big() -> web.Response:
+        metrics.refused("size")
+        return refusal(413, f"the offer is larger than {policy.max_offer_bytes} bytes",
+                       limit=policy.max_offer_bytes)
+
     async def _guard_offer(request: web.Request, handler) -> web.StreamResponse:
-        too_big = refusal(413, f"the offer is larger than {policy.max_offer_bytes} bytes",
-                          limit=policy.max_offer_bytes)
         if (request.content_length or 0) > policy.max_offer_bytes:
-            metrics.refused("size")
-            return too_big
+            return too_big()
         client = request.remote or "unknown"
         limit = policy.max_per_client
         if limit and tracker.count(client) >= limit:
@@ -129,16 +131,13 @@ def guard_middleware(policy: Policy, tracker: "ConversationTracker", metrics):
             try:
                 response = await handler(request)
             except web.HTTPRequestEntityTooLarge:  # no Content-Length; reading went past the limit
-                metrics.refused("size")
-                return too_big
+                return too_big()
         if response.status == 400:
             metrics.refused("bad_input")
         elif response.status == 503:
             metrics.refused("full")
-        elif response.status == 200 and isinstance(response, web.Response) and response.body:
-            # streams/webrtc.py names the conversation in its answer.
-            conv_id = json.loads(response.body).get("conversation")
-            tracker.claim_id(conv_id, client, "webrtc")
+        elif response.status == 200 and "conversation" in request:
+            tracker.claim(request["conversation"], client, "webrtc")  # set by streams/webrtc.py
         return response
 
     return guard
@@ -191,12 +190,6 @@ class ConversationTracker:
         entry.client, entry.transport = client, transport
         log.info("conversation %s opened: %s from %s (%d/%d active)", conv.id, transport, client,
                  self.agent.active, self.agent.max_conversations)
-
-    def claim_id(self, conv_id: str | None, client: str, transport: str) -> None:
-        for conv in self.agent.conversations():
-            if conv.id == conv_id:
-                self.claim(conv, client, transport)
-                return
 
     def _track(self, conv) -> _Tracked:
         entry = self._tracked.get(conv.id)

@@ -40,12 +40,10 @@ DEFAULT_MAX_CONVERSATION_S = 3600.0
 
 def refuse_full(agent):
     """The HTTP answer when every conversation slot is taken: 503 with a JSON reason."""
-    from aiohttp import web
-    return web.json_response(
-        {"error": f"server full: all {agent.max_conversations} conversations are in use, "
-                  "try again later",
-         "capacity": agent.max_conversations},
-        status=503, headers={"Retry-After": "5"})
+    from streams.security import refusal
+    return refusal(503, f"server full: all {agent.max_conversations} conversations are in use, "
+                        "try again later", headers={"Retry-After": "5"},
+                   capacity=agent.max_conversations)
 
 
 def create_app(agent, static_dir: Path = WEB_DIR, policy=None, profile_stages: bool | None = None):
@@ -125,6 +123,7 @@ async def _sweep_forever(tracker, interval_s: float) -> None:
 
 
 def stats(agent, chat) -> dict:
+    from agent.api import percentile
     driver = agent._driver
     # copy() is atomic under the GIL; the engine thread appends to these deques.
     tick_ms = sorted(driver.tick_ms.copy())
@@ -138,8 +137,8 @@ def stats(agent, chat) -> dict:
             **agent.engine.describe(),
             "ticks": driver.ticks,
             "failed_ticks": driver.failed_ticks,
-            "tick_ms_p50": _percentile(tick_ms, 0.5),
-            "tick_ms_p99": _percentile(tick_ms, 0.99),
+            "tick_ms_p50": percentile(tick_ms, 0.5),
+            "tick_ms_p99": percentile(tick_ms, 0.99),
             "batch_size_max": max(batch_sizes, default=None),
             "batch_size_mean": round(sum(batch_sizes) / len(batch_sizes), 2) if batch_sizes else None,
         },
@@ -147,10 +146,6 @@ def stats(agent, chat) -> dict:
     }
 
 
-def _percentile(ordered: list[float], q: float) -> float | None:
-    if not ordered:
-        return None
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
 
 
 # -- command line ----------------------------------------------------------------------------------

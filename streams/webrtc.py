@@ -29,8 +29,9 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
-from agent.api import AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut
+from agent.api import AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut, percentile
 from agent.config import SAMPLE_RATE, sampling_from_params
+from streams.security import refusal
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,7 @@ class AgentVoiceTrack(MediaStreamTrack):
         return frame
 
     def stats(self) -> dict:
-        lat = sorted(self.latency_ms)
-        return {"server_frame_ms": round(lat[len(lat) // 2], 1) if lat else None,
+        return {"server_frame_ms": percentile(sorted(self.latency_ms), 0.5, digits=1),
                 "playout_buffer_ms": _ms(self._buffered),
                 "underruns": self.underruns, "dropped_output_ms": self.dropped_ms}
 
@@ -270,9 +270,8 @@ class PeerSession:
         self._on_closed(self)
 
 
-# JSON field, SamplingConfig field, type, bounds: the names of moshi's web client.
 def _bad_request(message: str) -> web.Response:
-    return web.json_response({"error": message}, status=400)  # the shape of server.refuse_full
+    return refusal(400, message)
 
 
 def setup_routes(app: web.Application, agent) -> None:
@@ -308,6 +307,7 @@ def setup_routes(app: web.Application, agent) -> None:
             await session.close()
             return _bad_request(f"could not negotiate the offer: {e or type(e).__name__}")
         log.info("%s: WebRTC session from %s", conv.id, request.remote)
+        request["conversation"] = conv  # for the per-client limit (streams/security.py)
         return web.json_response({"sdp": answer.sdp, "type": answer.type, "conversation": conv.id})
 
     async def close_all(_app) -> None:

@@ -35,11 +35,11 @@ def test_lm_floor_is_the_reference_figures():
     from agent.bench import lm_floor_ms
     from agent.config import LMConfig
     cfg, bw = LMConfig.moshiko(), 3.0e12
-    assert round(lm_floor_ms(cfg, 1, True, 2, bw), 2) == 5.44
-    assert round(lm_floor_ms(cfg, 32, True, 2, bw), 1) == 21.7
-    assert lm_floor_ms(cfg, 32, False, 2, bw) == lm_floor_ms(cfg, 1, False, 2, bw)  # weights only
-    # float8 KV halves the KV part.
-    kv_bf16 = lm_floor_ms(cfg, 32, True, 2, bw) - lm_floor_ms(cfg, 32, False, 2, bw)
-    kv_fp8 = lm_floor_ms(cfg, 32, True, 1, bw) - lm_floor_ms(cfg, 32, False, 1, bw)
+    bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
+    assert round(lm_floor_ms(cfg, 1, True, bf16, bw), 2) == 5.44
+    assert round(lm_floor_ms(cfg, 32, True, bf16, bw), 1) == 21.7
+    assert lm_floor_ms(cfg, 32, False, bf16, bw) == lm_floor_ms(cfg, 1, False, bf16, bw)  # weights only
+    # A float8 KV cache halves the KV part.
+    kv_bf16 = lm_floor_ms(cfg, 32, True, bf16, bw) - lm_floor_ms(cfg, 32, False, bf16, bw)
+    kv_fp8 = lm_floor_ms(cfg, 32, True, fp8, bw) - lm_floor_ms(cfg, 32, False, fp8, bw)
     assert abs(kv_fp8 - kv_bf16 / 2) < 1e-9
-    assert torch.empty((), dtype=torch.float8_e4m3fn).element_size() == 1

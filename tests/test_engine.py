@@ -21,11 +21,11 @@ def bundle():
     return load_checkpoint("tiny-random", device="cpu")
 
 
-def fresh_engine(bundle, slots=SLOTS, kv_dtype=None):
+def fresh_engine(bundle, slots=SLOTS, kv_dtype=None, free_bytes=None):
     # The engine owns the Mimi streaming state, so each engine gets its own codec instance.
     from checkpoints.tiny_random import build_tiny_mimi
     b = type(bundle)(**{**bundle.__dict__, "mimi": build_tiny_mimi()})
-    return Engine(b, slots, kv_dtype=kv_dtype)
+    return Engine(b, slots, kv_dtype=kv_dtype, free_bytes=free_bytes)
 
 
 def speech_frames(seed, n=FRAMES):
@@ -189,27 +189,21 @@ def test_capacity_is_computed_and_an_oversized_engine_refused(bundle, monkeypatc
     per = bytes_per_conversation(bundle.config, torch.float32)
     free = (1 << 30) + 5 * per + 1
     with pytest.raises(CapacityError, match="at most 5 fit") as refused:
-        fresh_engine_with_memory(bundle, 6, free)
+        fresh_engine(bundle, 6, free_bytes=free)
     fit_fp8 = conversations_that_fit(bundle.config, torch.float32, free, fp8)
     assert fit_fp8 > 5
     assert f"--kv-cache fp8 (float8 KV cache, slightly less exact): {fit_fp8} fit" in str(refused.value)
-    assert fresh_engine_with_memory(bundle, 5, free).max_sessions == 5
-
-
-def fresh_engine_with_memory(bundle, slots, free_bytes):
-    from checkpoints.tiny_random import build_tiny_mimi
-    b = type(bundle)(**{**bundle.__dict__, "mimi": build_tiny_mimi()})
-    return Engine(b, slots, free_bytes=free_bytes)
+    assert fresh_engine(bundle, 5, free_bytes=free).max_sessions == 5
 
 
 def test_serve_with_too_many_sessions_says_how_many_fit():
     import subprocess
     import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "run_agent.py"), "serve", "--checkpoint",
+
+    from tests.helpers import ROOT
+    r = subprocess.run([sys.executable, str(ROOT / "run_agent.py"), "serve", "--checkpoint",
                         "tiny-random", "--device", "cpu", "--port", "0", "--max-sessions",
-                        "10000000"], capture_output=True, text=True, timeout=120, cwd=root)
+                        "10000000"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "conversations do not fit" in r.stderr and "--max-sessions" in r.stderr, r.stderr
 

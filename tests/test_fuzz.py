@@ -16,7 +16,6 @@ plain functions; `Server.run` executes a coroutine there and waits for it.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import re
 import threading
@@ -279,10 +278,6 @@ def test_valid_ogg_split_anywhere_is_accepted(server, bystander):
 
 # -- POST /offer -----------------------------------------------------------------------------------
 
-needs_webrtc = pytest.mark.skipif(importlib.util.find_spec("streams.webrtc") is None,
-                                  reason="streams/webrtc.py (POST /offer) is not present")
-
-
 @pytest.fixture(scope="module")
 def valid_offer(server) -> str:
     """A real audio + data channel offer from aiortc, with a loopback host candidate."""
@@ -341,7 +336,6 @@ async def post_offer(server: Server, body: bytes) -> tuple[int, dict]:
     return r.status, reply
 
 
-@needs_webrtc
 @FUZZ
 @given(data=st.data())
 def test_malformed_offers(server, bystander, valid_offer, data):
@@ -358,7 +352,6 @@ def test_malformed_offers(server, bystander, valid_offer, data):
     after_case(server, bystander)
 
 
-@needs_webrtc
 def test_unsupported_codecs_are_a_clear_error(server, bystander, valid_offer):
     sdp = re.sub(r"opus/48000/2|PCMU/8000|PCMA/8000|G722/8000", "G729/8000", valid_offer)
     status, reply = server.run(post_offer(server, json.dumps({"sdp": sdp, "type": "offer"}).encode()))

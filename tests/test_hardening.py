@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import importlib.util
 import ipaddress
 import json
 import logging
@@ -31,8 +30,6 @@ from streams.server import create_app
 CAPACITY = 2
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
 TOKEN = "s3cret-token"
-HAS_WEBRTC = importlib.util.find_spec("streams.webrtc") is not None
-needs_webrtc = pytest.mark.skipif(not HAS_WEBRTC, reason="streams/webrtc.py (POST /offer) is not present")
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +112,9 @@ async def test_full_server_refuses_clearly(start_server, session, agent):
     held = [await connect(session, base) for _ in range(CAPACITY)]
     with pytest.raises(ConnectionError, match="server full"):
         await connect(session, base)  # a 0x05 message instead of the handshake
-    if HAS_WEBRTC:
-        status, reply = await post_offer(session, base, {"sdp": "v=0", "type": "offer"})
-        assert status == 503 and "full" in reply["error"]
-    assert await metric(session, base, refusals("full")) == 1 + HAS_WEBRTC
+    status, reply = await post_offer(session, base, {"sdp": "v=0", "type": "offer"})
+    assert status == 503 and "full" in reply["error"]
+    assert await metric(session, base, refusals("full")) == 1 + 1
     for client in held:
         await converse(client, 2)  # the conversations already open are unaffected
         await client.close()
@@ -146,14 +142,13 @@ async def test_auth_token(start_server, session):
             assert r.status == 200
     async with session.get(base + "/") as r:  # static files stay public
         assert r.status == 404
-    if HAS_WEBRTC:
-        status, reply = await post_offer(session, base, {"sdp": "v=0", "type": "offer"})
-        assert status == 401 and reply["error"]
-        status, reply = await post_offer(session, base, {"type": "offer"},
-                                         {"Authorization": f"Bearer {TOKEN}"})
-        assert status == 400  # past the token check: the offer itself is what is wrong
+    status, reply = await post_offer(session, base, {"sdp": "v=0", "type": "offer"})
+    assert status == 401 and reply["error"]
+    status, reply = await post_offer(session, base, {"type": "offer"},
+                                     {"Authorization": f"Bearer {TOKEN}"})
+    assert status == 400  # past the token check: the offer itself is what is wrong
     refused = await metric(session, base, refusals("auth"), TOKEN)
-    assert refused == 3 + 2 + HAS_WEBRTC
+    assert refused == 3 + 2 + 1
 
 
 async def test_allowed_origins(start_server, session):
@@ -167,16 +162,14 @@ async def test_allowed_origins(start_server, session):
         ws = await session.ws_connect(chat_url(base), headers=headers)
         assert (await ws.receive_bytes(timeout=10)) == b"\x00"
         await ws.close()
-    if HAS_WEBRTC:
-        status, reply = await post_offer(session, base, {"sdp": "v=0"},
-                                         {"Origin": "https://evil.example.com"})
-        assert status == 403 and "evil" in reply["error"]
-    assert await metric(session, base, refusals("origin")) == 3 + HAS_WEBRTC
+    status, reply = await post_offer(session, base, {"sdp": "v=0"},
+                                     {"Origin": "https://evil.example.com"})
+    assert status == 403 and "evil" in reply["error"]
+    assert await metric(session, base, refusals("origin")) == 3 + 1
 
 
 # -- sizes -----------------------------------------------------------------------------------------
 
-@needs_webrtc
 async def test_offer_body_limit(start_server, session):
     base = await start_server(Policy(max_offer_bytes=2000))
     big = {"sdp": "v=0\r\n" + "a=x\r\n" * 600, "type": "offer"}
@@ -215,15 +208,14 @@ async def test_per_client_limit(start_server, session, agent):
     first = await connect(session, base)
     with pytest.raises(ConnectionError, match="too many conversations from 127.0.0.1"):
         await connect(session, base)
-    if HAS_WEBRTC:
-        status, reply = await post_offer(session, base, {"sdp": "v=0", "type": "offer"})
-        assert status == 429 and reply["limit"] == 1
+    status, reply = await post_offer(session, base, {"sdp": "v=0", "type": "offer"})
+    assert status == 429 and reply["limit"] == 1
     assert agent.active == 1  # neither refusal took a slot
     await first.close()
     again = await connect(session, base)  # the address's conversation ended: room again
     await converse(again)
     await again.close()
-    assert await metric(session, base, refusals("per_client")) == 1 + HAS_WEBRTC
+    assert await metric(session, base, refusals("per_client")) == 1 + 1
 
 
 # -- time limits -----------------------------------------------------------------------------------
@@ -264,7 +256,6 @@ async def test_maximum_conversation_length(start_server, session, agent):
     assert await metric(session, base, 'duplex_conversations_ended_total{reason="max_length"}') == 1
 
 
-@needs_webrtc
 async def test_limits_apply_to_webrtc(start_server, session, agent, monkeypatch):
     """A WebRTC conversation counts for its client address and is ended at the maximum length
     with an error on its data channel, like a websocket one."""
@@ -357,7 +348,8 @@ async def test_client_faster_than_real_time(start_server, session, agent):
     await asyncio.sleep(0.5)
     [conv] = agent.conversations()
     assert conv.stats.dropped_input_frames > 0
-    await wait_until(lambda: client.result.received_frames >= 60 - conv.stats.dropped_input_frames)
+    assert await wait_until(
+        lambda: client.result.received_frames >= 60 - conv.stats.dropped_input_frames)
     received = client.result.received_frames
     await converse_more(client, 3)
     assert client.result.received_frames == received + 3 and not client.result.errors

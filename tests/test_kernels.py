@@ -258,10 +258,14 @@ def test_dispatcher(monkeypatch):
         return da.decode_attention(*args, *(c.clone() for c in caches), pos, ex)
 
     ref = decode_attention_ref(*args, *(c.clone() for c in caches), pos, ex)
+    launches = []
+    triton_impl = da.decode_attention_triton
+    monkeypatch.setattr(da, "decode_attention_triton",
+                        lambda *a, **kw: launches.append(1) or triton_impl(*a, **kw))
     monkeypatch.setenv("AGENT_KERNELS", "torch")
-    assert torch.equal(call(), ref)
+    assert torch.equal(call(), ref) and not launches
     monkeypatch.setenv("AGENT_KERNELS", "triton")  # on CPU tensors: the interpreter
-    assert torch.allclose(call(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(call(), ref, atol=1e-5, rtol=1e-5) and launches == [1]
 
     def no_triton(*a, **kw):
         raise AssertionError("auto picked Triton for CPU tensors")

@@ -74,6 +74,9 @@ def test_embed_add(dtype, N, D):
     assert not first[1].any() and torch.equal(first[4], table[0]), ctx
     # The running sum rounds like the reference's separate add: bit for bit.
     assert torch.equal(embed_add_triton(table, ids, acc), embed_add_ref(table, ids, acc)), ctx
+    # ids as a column of the model's [B, 17] token tensor: read in place, strided.
+    column = torch.stack([ids, ids.flip(0)], dim=1)[:, 0]
+    assert torch.equal(embed_add_triton(table, column, acc), embed_add_ref(table, ids, acc)), ctx
 
 
 def test_bad_shapes_are_refused():

@@ -107,8 +107,14 @@ def test_triton_kernels_match_reference(reference_and_ours, monkeypatch):
     codes = _user_codes(cfg, steps, seed=8)
     ref_text, ref_audio, ref_frames = _run_reference(ref, codes, use_sampling=False)
     monkeypatch.setenv("AGENT_KERNELS", "triton")
+    import kernels.decode_attention as da
+    launches = []
+    triton_impl = da.decode_attention_triton
+    monkeypatch.setattr(da, "decode_attention_triton",
+                        lambda *a, **kw: launches.append(1) or triton_impl(*a, **kw))
     model = copy.deepcopy(ours).to(device)
     our_text, our_audio, our_frames = _run_ours(model, codes.to(device), SamplingConfig(greedy=True))
+    assert len(launches) == steps * (cfg.num_layers + cfg.dep_q * cfg.depformer_num_layers)
     assert _rel_err(our_text.cpu(), ref_text) <= 1e-4
     assert _rel_err(our_audio.cpu(), ref_audio) <= 1e-4
     for t in range(1, steps):

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -26,7 +25,6 @@ from agent.config import FRAME_SIZE, SAMPLE_RATE
 from streams.server import create_app, refuse_full
 from tests.helpers import start_serve
 
-REPO = Path(__file__).resolve().parents[1]
 CAPACITY = 3
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
 
@@ -147,7 +145,7 @@ async def test_conversation_streams_audio_and_text(server, session, speech):
     # One output frame per input frame (the first is the model's one-step lag, as silence).
     await client.wait_for(lambda: client.samples >= len(speech), timeout=5)
     assert abs(client.samples - len(speech)) <= 2 * FRAME_SIZE
-    assert client.text and all(isinstance(t, str) for t in client.text)  # the tiny model always talks
+    assert client.text  # the tiny model always talks
     assert set(client.kinds) == {0, 1, 2} and client.kinds.count(0) == 1
     assert not client.errors and not client.non_binary
     assert np.abs(np.concatenate(client.pcm)).max() > 0.0

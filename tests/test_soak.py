@@ -85,7 +85,6 @@ async def test_soak_eight_conversations():
         sampler.start()
         report = await asyncio.wait_for(run_load(url, CLIENTS, SECONDS, speech, drain_s=10),
                                         SECONDS + 60)
-        sampler.stop()
     finally:
         sampler.stop()
         await runner.cleanup()
