@@ -18,7 +18,7 @@ import torch
 
 from agent.config import LMConfig, SamplingConfig
 from agent.model import MoshiLM
-from checkpoints.registry import DEFAULT_CHECKPOINT, lookup
+from checkpoints.registry import DEFAULT_CHECKPOINT, KNOWN, lookup
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +55,21 @@ def load_checkpoint(spec: str = DEFAULT_CHECKPOINT, device: str | torch.device |
         raise CheckpointError("--device cuda was asked for, but no CUDA GPU is available here; "
                               "use --device cpu.")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if spec == "tiny-random":
+    known = lookup(spec)
+    if known is not None and known.layout == "builtin":
         return _load_tiny_random(device)
     path = Path(spec).expanduser()
-    if path.is_dir():
+    if path.is_dir():  # a local directory wins over a known name
         return _load_directory(spec, path, device, dtype)
+    if known is not None:
+        return _load_from_hub(known.repo, device, dtype)
     if path.exists():
         raise CheckpointError(f"--checkpoint {spec}: is a file; give the directory that holds the "
                               "checkpoint files, a Hugging Face repo id, or tiny-random.")
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise CheckpointError(f"--checkpoint {spec}: no such directory, and not a Hugging Face repo "
-                              "id (owner/name) or a known name (moshiko, moshika, hf-moshiko, "
-                              "hf-moshika, tiny-random).")
+                              f"id (owner/name) or a known name ({', '.join(KNOWN)}).")
     return _load_from_hub(spec, device, dtype)
-
-
-def resolve_name(spec: str) -> str:
-    known = lookup(spec)
-    return known.repo if known is not None and known.repo else spec
 
 
 # -- sources ---------------------------------------------------------------------------------------
@@ -115,8 +112,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_from_hub(spec: str, device, dtype) -> AgentBundle:
-    repo = resolve_name(spec)
+def _load_from_hub(repo: str, device, dtype) -> AgentBundle:
     known = lookup(repo)
     cache_only = not _hub_reachable()
     if known is not None and known.layout == "hf":

@@ -108,6 +108,14 @@ def test_default_checkpoint_offline_says_what_to_do(speech, tmp_path):
     assert "--checkpoint tiny-random" in r.stderr and "local directory" in r.stderr
 
 
+def test_known_short_name_is_its_hub_repo(speech, tmp_path):
+    """`--checkpoint moshiko` means kyutai/moshiko-pytorch-bf16 (offline here: the same answer)."""
+    r = run_agent("file", speech, tmp_path / "out.wav", "--checkpoint", "moshiko",
+                  env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "kyutai/moshiko-pytorch-bf16" in r.stderr and "not a Hugging Face repo" not in r.stderr
+
+
 def test_unknown_local_path_is_clear(speech, tmp_path):
     r = run_agent("file", speech, tmp_path / "out.wav", "--checkpoint", tmp_path / "nope")
     assert r.returncode == 2 and "no such directory" in r.stderr and "Traceback" not in r.stderr
