@@ -1,11 +1,14 @@
 """Full-duplex spoken dialogue agent: model, engine and the public API.
 
-`from agent import Agent` works; the names load lazily so that `import agent.cli` stays quick.
+`from duplex_agent.agent import Agent` works; the names load lazily so that importing the command
+line stays quick.
 """
 _EXPORTS = {
-    "Agent": "agent.api", "AgentFull": "agent.api", "AudioOut": "agent.api",
-    "Conversation": "agent.api", "ConversationClosed": "agent.api", "ErrorOut": "agent.api",
-    "TextOut": "agent.api", "LMConfig": "agent.config", "SamplingConfig": "agent.config",
+    "Agent": "duplex_agent.agent.api", "AgentFull": "duplex_agent.agent.api",
+    "Conversation": "duplex_agent.agent.api", "ConversationClosed": "duplex_agent.agent.api",
+    "AudioOut": "duplex_agent.agent.events", "ErrorOut": "duplex_agent.agent.events",
+    "TextOut": "duplex_agent.agent.events",
+    "LMConfig": "duplex_agent.agent.config", "SamplingConfig": "duplex_agent.agent.config",
 }
 __all__ = list(_EXPORTS)
 
@@ -14,4 +17,4 @@ def __getattr__(name):
     if name in _EXPORTS:
         import importlib
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'agent' has no attribute {name!r}")
+    raise AttributeError(f"module 'duplex_agent.agent' has no attribute {name!r}")

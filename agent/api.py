@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from agent.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, SamplingConfig
-from agent.engine import EngineFull
-from agent.turns import TurnTaking
+from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, SamplingConfig
+from duplex_agent.agent.engine import EngineFull
+from duplex_agent.agent.events import AudioOut, ErrorOut, TextOut  # noqa: F401 (re-exported)
+from duplex_agent.agent.turns import TurnTaking
 
 # Live input may run at most this far ahead of the engine before the oldest audio is dropped.
 DEFAULT_MAX_BACKLOG_FRAMES = 25  # 2 s
@@ -36,26 +37,6 @@ class AgentFull(EngineFull):
 
 class ConversationClosed(Exception):
     pass
-
-
-@dataclass
-class AudioOut:
-    pcm: np.ndarray  # [1920] float32 at 24 kHz
-    step: int  # frame index in this conversation
-    t_in: float  # time.monotonic() when the input frame that produced it was complete
-
-
-@dataclass
-class TextOut:
-    text: str
-    step: int
-    start: float  # seconds from the conversation's start
-    end: float
-
-
-@dataclass
-class ErrorOut:
-    message: str
 
 
 @dataclass
@@ -263,7 +244,7 @@ class Agent:
 
     def __init__(self, engine, max_backlog: int = DEFAULT_MAX_BACKLOG_FRAMES,
                  max_output: int = DEFAULT_MAX_OUTPUT_FRAMES):
-        from agent.driver import EngineDriver
+        from duplex_agent.agent.driver import EngineDriver
         self.engine = engine
         self.max_conversations = engine.max_sessions
         self._max_backlog, self._max_output = max_backlog, max_output
@@ -276,8 +257,8 @@ class Agent:
     def load(cls, checkpoint: str = "kyutai/moshiko-pytorch-bf16", device=None,
              max_conversations: int = 8, kv_cache: str = "auto", **kwargs) -> "Agent":
         """`kv_cache`: "auto" (the weights' dtype) or "fp8" (half the memory per conversation)."""
-        from agent.engine import KV_CACHE_DTYPES, Engine
-        from checkpoints.loader import load_checkpoint
+        from duplex_agent.agent.engine import KV_CACHE_DTYPES, Engine
+        from duplex_agent.checkpoints.loader import load_checkpoint
         if kv_cache not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache={kv_cache!r}: expected one of {', '.join(KV_CACHE_DTYPES)}")
         engine = Engine(load_checkpoint(checkpoint, device), max_conversations,

@@ -56,7 +56,7 @@ def bench(device, sessions: list[int], steps: int, reference: bool = True,
           kv_cache: str = "auto") -> dict:
     import torch
 
-    from agent.engine import KV_CACHE_DTYPES, Engine, conversations_that_fit, free_device_memory
+    from duplex_agent.agent.engine import KV_CACHE_DTYPES, Engine, conversations_that_fit, free_device_memory
     kv_dtype = KV_CACHE_DTYPES[kv_cache]
     bundle_factory, cfg_name = _model_factory(device)
     probe = bundle_factory()
@@ -109,19 +109,19 @@ def bench(device, sessions: list[int], steps: int, reference: bool = True,
 def _model_factory(device):
     import torch
 
-    from agent.config import LMConfig, SamplingConfig
-    from checkpoints.loader import AgentBundle, load_checkpoint
+    from duplex_agent.agent.config import LMConfig, SamplingConfig
+    from duplex_agent.checkpoints.loader import AgentBundle, load_checkpoint
     if device.type != "cuda":
         base = load_checkpoint("tiny-random", device)
 
         def tiny():
-            from checkpoints.tiny_random import build_tiny_mimi
+            from duplex_agent.checkpoints.tiny_random import build_tiny_mimi
             return AgentBundle(**{**base.__dict__, "mimi": build_tiny_mimi()})
         return tiny, "tiny"
 
     from moshi.models import loaders
 
-    from agent.model import MoshiLM
+    from duplex_agent.agent.model import MoshiLM
     cfg = LMConfig.moshiko()
     with torch.device("meta"):
         model = MoshiLM(cfg)
@@ -222,7 +222,7 @@ def _fast_forward_reference(gen, lm, position: int) -> None:
 
 
 def _row(impl, n, context, stages) -> dict:
-    from agent.api import percentile
+    from duplex_agent.agent.api import percentile
     row = {"impl": impl, "sessions": n, "context": context}
     for k, xs in stages.items():
         row[f"{k}_p50_ms"] = round(statistics.median(xs), 3)
@@ -234,7 +234,7 @@ def _meta(device, cfg_name) -> dict:
     import moshi
     import torch
 
-    from kernels.dispatch import kernel_backend
+    from duplex_agent.kernels.dispatch import kernel_backend
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"{_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     return {"date": datetime.date.today().isoformat(), "device": device.type, "device_name": name,
@@ -256,7 +256,7 @@ def _cpu_model() -> str:
 def lm_floor_ms(cfg, sessions: int, full_context: bool, kv_dtype, bandwidth: float) -> float:
     """The memory-bound floor of one LM step: the weights read once, plus each conversation's
     KV window (all `context` steps when full, ~none when empty), at `bandwidth` bytes/s."""
-    from agent.engine import kv_bytes_per_step
+    from duplex_agent.agent.engine import kv_bytes_per_step
     window = cfg.context if full_context else 0
     kv = sessions * window * kv_bytes_per_step(cfg, kv_dtype)
     return (MOSHIKO_BYTES_PER_STEP + kv) / bandwidth * 1e3

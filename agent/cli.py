@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from checkpoints.registry import DEFAULT_CHECKPOINT, KNOWN
+from duplex_agent.checkpoints.registry import DEFAULT_CHECKPOINT, KNOWN
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMAND_MODULES = ["streams.server", "streams.local", "streams.loadtest", "agent.bench"]
+COMMAND_MODULES = ["duplex_agent.streams.server", "duplex_agent.streams.local", "duplex_agent.streams.loadtest", "duplex_agent.agent.bench"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    from agent.engine import CapacityError
-    from checkpoints.loader import CheckpointError
-    from streams.audio_file import AudioInputError
+    from duplex_agent.agent.engine import CapacityError
+    from duplex_agent.checkpoints.loader import CheckpointError
+    from duplex_agent.streams.audio_file import AudioInputError
     try:
         return args.func(args)
     except (CheckpointError, AudioInputError, CapacityError) as e:
@@ -80,11 +80,11 @@ def sampling_from_args(args, defaults):
 def _cmd_file(args) -> int:
     from pathlib import Path
 
-    from agent.config import SAMPLE_RATE
-    from agent.engine import KV_CACHE_DTYPES, Engine
-    from agent.offline import run_file
-    from checkpoints.loader import load_checkpoint
-    from streams.audio_file import AudioInputError, read_mono
+    from duplex_agent.agent.config import SAMPLE_RATE
+    from duplex_agent.agent.engine import KV_CACHE_DTYPES, Engine
+    from duplex_agent.agent.offline import run_file
+    from duplex_agent.checkpoints.loader import load_checkpoint
+    from duplex_agent.streams.audio_file import AudioInputError, read_mono
 
     pcm = read_mono(args.input, SAMPLE_RATE)  # fail on bad input before loading a 15 GB model
     for out in (args.output, args.transcript):

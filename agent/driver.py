@@ -12,8 +12,8 @@ import threading
 import time
 from collections import deque
 
-from agent.api import AudioOut, TextOut
-from agent.config import FRAME_RATE
+from duplex_agent.agent.events import AudioOut, TextOut
+from duplex_agent.agent.config import FRAME_RATE
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from agent.config import FRAME_SIZE, SamplingConfig
-from agent.lm_gen import LMGen
-from checkpoints.loader import AgentBundle
+from duplex_agent.agent.config import FRAME_SIZE, SamplingConfig
+from duplex_agent.agent.lm_gen import LMGen
+from duplex_agent.checkpoints.loader import AgentBundle
 
 
 class EngineFull(Exception):
@@ -131,7 +131,7 @@ class Engine:
 
     def describe(self) -> dict:
         """What this engine runs on, for /api/stats and logs."""
-        from kernels.dispatch import kernel_backend, use_triton
+        from duplex_agent.kernels.dispatch import kernel_backend, use_triton
         probe = self.lm.model.text_linear.weight
         return {"checkpoint": self.bundle.name, "device": str(self.device),
                 "dtype": str(probe.dtype).removeprefix("torch."),

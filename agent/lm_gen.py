@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from agent.config import SamplingConfig
-from agent.model import MoshiLM
-from agent.sampling import BatchSampler
+from duplex_agent.agent.config import SamplingConfig
+from duplex_agent.agent.model import MoshiLM
+from duplex_agent.agent.sampling import BatchSampler
 
 UNGENERATED = -2
 

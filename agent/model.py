@@ -12,11 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from agent.config import LMConfig
-from kernels.decode_attention import decode_attention
-from kernels.embedding import embed_add
-from kernels.rms_norm import rms_norm
-from kernels.silu_gate import silu_gate
+from duplex_agent.agent.config import LMConfig
+from duplex_agent.kernels.decode_attention import decode_attention
+from duplex_agent.kernels.embedding import embed_add
+from duplex_agent.kernels.rms_norm import rms_norm
+from duplex_agent.kernels.silu_gate import silu_gate
 
 
 class RMSNorm(nn.Module):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, SamplingConfig
-from agent.engine import Engine
-from streams.audio_file import write_wav
+from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, SamplingConfig
+from duplex_agent.agent.engine import Engine
+from duplex_agent.streams.audio_file import write_wav
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.sampling import MASK32, mix32, sample
+from duplex_agent.kernels.sampling import MASK32, mix32, sample
 
 
 class BatchSampler:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from agent.config import TEXT_PAD_ID, gating_hidden
+from duplex_agent.agent.config import TEXT_PAD_ID, gating_hidden
 
 # Constructor defaults of transformers' MoshiConfig / MoshiDepthConfig / MimiConfig (= the real
 # moshiko and kyutai/mimi architecture): a config.json may omit values equal to them.

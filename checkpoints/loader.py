@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 
-from agent.config import LMConfig, SamplingConfig
-from agent.model import MoshiLM
-from checkpoints.registry import DEFAULT_CHECKPOINT, KNOWN, lookup
+from duplex_agent.agent.config import LMConfig, SamplingConfig
+from duplex_agent.agent.model import MoshiLM
+from duplex_agent.checkpoints.registry import DEFAULT_CHECKPOINT, KNOWN, lookup
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def load_checkpoint(spec: str = DEFAULT_CHECKPOINT, device: str | torch.device |
 # -- sources ---------------------------------------------------------------------------------------
 
 def _load_tiny_random(device: torch.device) -> AgentBundle:
-    from checkpoints import tiny_random
+    from duplex_agent.checkpoints import tiny_random
     cfg = LMConfig.tiny()
     model = _build_lm(cfg, tiny_random.build_tiny_lm_state(), device, torch.float32)
     mimi = tiny_random.build_tiny_mimi().to(device)
@@ -226,7 +226,7 @@ def _is_hf_transformers_config(raw: dict) -> bool:
 
 
 def _load_hf_layout(name: str, root: Path, raw: dict, device, dtype) -> AgentBundle:
-    from checkpoints import hf_format
+    from duplex_agent.checkpoints import hf_format
     _, state = hf_format.read_hf_checkpoint(root)
     try:
         cfg = LMConfig.from_moshi_json(hf_format.hf_config_to_moshi(raw))

@@ -35,8 +35,8 @@ from moshi.models.loaders import get_mimi, get_moshi_lm
 from safetensors.torch import save_file
 from torch import nn
 
-from agent.config import FRAME_RATE, SAMPLE_RATE, LMConfig
-from checkpoints.kyutai_format import moshi_to_disk
+from duplex_agent.agent.config import FRAME_RATE, SAMPLE_RATE, LMConfig
+from duplex_agent.checkpoints.kyutai_format import moshi_to_disk
 
 TINY_SEED = 0
 

@@ -10,7 +10,7 @@ Baselines (both without the RoPE and cache write that our kernel also does):
   sdpa_prefix: F.scaled_dot_product_attention on the valid prefix of the cache (a view);
   sdpa_masked: SDPA over all capacity slots with a boolean mask (what moshi does today).
 
-Usage: python -m kernels.bench_attention [results.json] [--dtype bf16] [--batches 1,8] ...
+Usage: python -m duplex_agent.kernels.bench_attention [results.json] [--dtype bf16] [--batches 1,8] ...
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def bench_decode_attention(batches=(1, 8, 16, 32, 64), contexts=(250, 1500, 3000
     float8 our kernel reads float8 caches; SDPA, which cannot, reads `dtype` copies of them."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench_decode_attention needs a CUDA GPU")
-    from kernels.decode_attention import (choose_num_splits, decode_attention_triton,
+    from duplex_agent.kernels.decode_attention import (choose_num_splits, decode_attention_triton,
                                           default_block_n, _num_sms)
 
     device = torch.device("cuda")

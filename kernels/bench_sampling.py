@@ -2,7 +2,7 @@
 the whole per-stream draw (top-k threshold by sort, then the kernel) that a Moshi step runs
 9 times (text over 32000 tokens, 8 audio codebooks over 2048).
 
-Usage: python -m kernels.bench_sampling [results.json] [--batches 1,8,32,64]
+Usage: python -m duplex_agent.kernels.bench_sampling [results.json] [--batches 1,8,32,64]
 """
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import sys
 
 import torch
 
-from kernels.bench_attention import _int_list, gpu_missing, time_cuda, write_rows
+from duplex_agent.kernels.bench_attention import _int_list, gpu_missing, time_cuda, write_rows
 
 
 def bench_sampling(batches=(1, 8, 32, 64), vocabs=(32000, 2048)) -> list[dict]:
-    from agent.sampling import BatchSampler
-    from kernels.sampling import sample_ref, sample_triton
+    from duplex_agent.agent.sampling import BatchSampler
+    from duplex_agent.kernels.sampling import sample_ref, sample_triton
     rows = []
     for B in batches:
         for V in vocabs:

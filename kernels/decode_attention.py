@@ -35,8 +35,8 @@ import math
 
 import torch
 
-from kernels.attention_ref import decode_attention_ref, rope_frequencies
-from kernels.dispatch import require_triton, tl, triton, use_triton
+from duplex_agent.kernels.attention_ref import decode_attention_ref, rope_frequencies
+from duplex_agent.kernels.dispatch import require_triton, tl, triton, use_triton
 
 
 # Aim for a few resident programs per SM so that enough loads are in flight to saturate HBM.

@@ -7,7 +7,7 @@ not depend on tensor sizes, so they are counted exactly on CPU, on the real laye
 operation that reaches a backend kernel (views, reshapes and allocations excluded) plus every
 Triton launch (run by the Triton interpreter).
 
-Usage: TRITON_INTERPRET=1 python -m kernels.launch_count [results.json]
+Usage: TRITON_INTERPRET=1 python -m duplex_agent.kernels.launch_count [results.json]
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class _CountAten(TorchDispatchMode):
 def _count_triton(aten: _CountAten):
     """Counts launches of every Triton kernel in `kernels` (InterpretedFunction or JITFunction)."""
     patched = []
-    for mod in [m for name, m in sys.modules.items() if name.startswith("kernels.")]:
+    for mod in [m for name, m in sys.modules.items() if name.startswith("duplex_agent.kernels.")]:
         for attr, fn in list(vars(mod).items()):
             if attr.startswith("_") and attr.endswith("_kernel") and hasattr(fn, "__getitem__"):
                 class Counting:
@@ -72,9 +72,9 @@ def _count_triton(aten: _CountAten):
 
 def count_step_launches(backend: str, batch: int = 1) -> collections.Counter:
     """Launches of one LMGen step (temporal + depformer + sampling) with AGENT_KERNELS=backend."""
-    from agent.config import LMConfig, SamplingConfig
-    from agent.lm_gen import LMGen
-    from agent.model import MoshiLM
+    from duplex_agent.agent.config import LMConfig, SamplingConfig
+    from duplex_agent.agent.lm_gen import LMGen
+    from duplex_agent.agent.model import MoshiLM
     cfg = dataclasses.replace(LMConfig.moshiko(), dim=64, num_heads=2, depformer_dim=32,
                               depformer_num_heads=2, depformer_dim_feedforward=128, context=16,
                               text_card=64, card=32)

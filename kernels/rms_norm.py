@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import require_triton, tl, triton, use_triton
+from duplex_agent.kernels.dispatch import require_triton, tl, triton, use_triton
 
 
 

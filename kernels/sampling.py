@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from kernels.dispatch import require_triton, tl, triton, use_triton
+from duplex_agent.kernels.dispatch import require_triton, tl, triton, use_triton
 
 
 MASK32 = 0xFFFFFFFF

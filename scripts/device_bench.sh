@@ -24,10 +24,10 @@ log() { echo "== $(date +%T) $*"; }
             tests/test_kernels_sampling.py tests/test_cuda_graphs.py tests/test_sampling.py \
             tests/test_parity.py 2>&1 | tail -15
         log "attention kernel bandwidth (bf16 caches, then float8 caches)"
-        python3 -m kernels.bench_attention "$OUT/r/attention.json"
-        python3 -m kernels.bench_attention "$OUT/r/attention-fp8.json" --kv-dtype fp8
+        python3 -m duplex_agent.kernels.bench_attention "$OUT/r/attention.json"
+        python3 -m duplex_agent.kernels.bench_attention "$OUT/r/attention-fp8.json" --kv-dtype fp8
         log "sampling kernel"
-        python3 -m kernels.bench_sampling "$OUT/r/sampling.json" ;;
+        python3 -m duplex_agent.kernels.bench_sampling "$OUT/r/sampling.json" ;;
     engine)
         log "engine vs moshi (bf16 KV, Triton kernels, CUDA graphs)"
         python3 run_agent.py bench --out "$OUT/r" ;;

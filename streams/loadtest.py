@@ -56,7 +56,7 @@ class MoshiClient:
     def __init__(self, ws, result: ClientResult):
         import sphn
 
-        from agent.config import SAMPLE_RATE
+        from duplex_agent.agent.config import SAMPLE_RATE
         self.ws, self.result = ws, result
         self._writer = sphn.OpusStreamWriter(SAMPLE_RATE)
         self._reader = sphn.OpusStreamReader(SAMPLE_RATE)
@@ -104,7 +104,7 @@ class MoshiClient:
     async def _receive(self) -> None:
         import aiohttp
 
-        from agent.config import FRAME_SIZE
+        from duplex_agent.agent.config import FRAME_SIZE
         result = self.result
         async for msg in self.ws:
             if msg.type != aiohttp.WSMsgType.BINARY or not msg.data:
@@ -148,7 +148,7 @@ async def run_client(index: int, session, url: str, speech, duration_s: float,
                      start_delay_s: float = 0.0, drain_s: float = 3.0, token=None, ssl=None,
                      query: dict | None = None) -> ClientResult:
     """One client's whole run; never raises for the server's behaviour, it records it."""
-    from agent.config import FRAME_RATE, FRAME_SIZE
+    from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE
     result = ClientResult(index)
     await asyncio.sleep(start_delay_s)
     try:
@@ -277,8 +277,8 @@ def load_speech(wav: str | None = None, sentence: str = DEFAULT_SENTENCE):
 
     import numpy as np
 
-    from agent.config import FRAME_SIZE, SAMPLE_RATE
-    from streams.audio_file import AudioInputError, read_mono
+    from duplex_agent.agent.config import FRAME_SIZE, SAMPLE_RATE
+    from duplex_agent.streams.audio_file import AudioInputError, read_mono
     if wav is None:
         if shutil.which("espeak-ng") is None:
             raise AudioInputError("espeak-ng is not installed: pass a recording with --wav")

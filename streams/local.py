@@ -90,8 +90,8 @@ def _run_local(args) -> int:
         except OSError as e:
             raise UserError(f"--record {record}: cannot create the folder ({e.strerror})") from None
 
-    from agent.api import Agent
-    from agent.cli import sampling_from_args
+    from duplex_agent.agent.api import Agent
+    from duplex_agent.agent.cli import sampling_from_args
     agent = Agent.load(args.checkpoint, args.device, max_conversations=1,
                        kv_cache=args.kv_cache)
     try:
@@ -252,7 +252,7 @@ class LocalSession:
     def _worker(self, conv, aec, turns, wavs, stop: threading.Event) -> None:
         import soxr
 
-        from agent.api import ConversationClosed
+        from duplex_agent.agent.api import ConversationClosed
 
         # The canceller runs at the microphone rate; its reference must too.
         to_in = None if self.in_rate == self.out_rate else soxr.ResampleStream(
@@ -298,8 +298,8 @@ class LocalSession:
     async def _consume(self, conv, stop: asyncio.Event) -> None:
         import soxr
 
-        from agent.api import AudioOut, ErrorOut, TextOut
-        from agent.config import SAMPLE_RATE
+        from duplex_agent.agent.api import AudioOut, ErrorOut, TextOut
+        from duplex_agent.agent.config import SAMPLE_RATE
 
         to_out = None if self.out_rate == SAMPLE_RATE else soxr.ResampleStream(
             SAMPLE_RATE, self.out_rate, 1, dtype="float32", quality="HQ")
@@ -317,8 +317,8 @@ class LocalSession:
         import sounddevice as sd
         import soundfile
 
-        from agent.turns import TurnTaking
-        from streams.aec import EchoCanceller, PassThrough
+        from duplex_agent.agent.turns import TurnTaking
+        from duplex_agent.streams.aec import EchoCanceller, PassThrough
 
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()

@@ -30,7 +30,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from agent.config import FRAME_RATE
+from duplex_agent.agent.config import FRAME_RATE
 
 REFUSAL_REASONS = ("full", "auth", "origin", "per_client", "size", "bad_input")
 WEBSOCKET_ERRORS = ("bad_audio", "too_big", "protocol", "ignored")

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import sphn
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from agent.api import AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut
-from agent.config import SAMPLE_RATE, sampling_from_params
-from streams.security import ConversationTracker, Policy
+from duplex_agent.agent.api import AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut
+from duplex_agent.agent.config import SAMPLE_RATE, sampling_from_params
+from duplex_agent.streams.security import ConversationTracker, Policy
 
 log = logging.getLogger(__name__)
 

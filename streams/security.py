@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from streams.server import (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONVERSATION_S,
-                            DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_OFFER_BYTES)
+from duplex_agent.streams.limits import (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONVERSATION_S,
+                                         DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_OFFER_BYTES)
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,13 @@ def refusal(status: int, message: str, headers: dict | None = None, **extra) -> 
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer", **(headers or {})}
     return web.json_response({"error": message, **extra}, status=status, headers=headers)
+
+
+def refuse_full(agent):
+    """The HTTP answer when every conversation slot is taken: 503 with a JSON reason."""
+    return refusal(503, f"server full: all {agent.max_conversations} conversations are in use, "
+                        "try again later", headers={"Retry-After": "5"},
+                   capacity=agent.max_conversations)
 
 
 def guard_middleware(policy: Policy, tracker: "ConversationTracker", metrics):

@@ -8,7 +8,7 @@ Routes:
     POST /offer      WebRTC (streams/webrtc.py), when that module is present
 
 Every connection is one conversation of the shared `Agent`; a full server refuses at once
-(websocket: a 0x05 error; HTTP: `refuse_full`, status 503), it never queues. The admission rules
+(websocket: a 0x05 error; HTTP: `security.refuse_full`, status 503), it never queues. The admission rules
 (token, origins, sizes, per-client limit) and the time limits (idle, maximum length) are in
 streams/security.py, applied to every transport by middleware and by a periodic sweep.
 
@@ -27,23 +27,13 @@ from contextlib import suppress
 from dataclasses import asdict
 from pathlib import Path
 
+from duplex_agent.streams.limits import (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONVERSATION_S,
+                                         DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_OFFER_BYTES)
+
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"
 DEFAULT_MAX_SESSIONS = 8  # each costs one KV cache: 1.6 GB at bf16 for moshiko's 3000 steps
-# Limits (streams/security.py Policy): the command line's defaults and the Policy's.
-DEFAULT_MAX_MESSAGE_BYTES = 1 << 20  # websocket; a browser sends a few hundred bytes per message
-DEFAULT_MAX_OFFER_BYTES = 64 << 10  # a browser's audio offer is 2-10 kB
-DEFAULT_IDLE_TIMEOUT_S = 60.0
-DEFAULT_MAX_CONVERSATION_S = 3600.0
-
-
-def refuse_full(agent):
-    """The HTTP answer when every conversation slot is taken: 503 with a JSON reason."""
-    from streams.security import refusal
-    return refusal(503, f"server full: all {agent.max_conversations} conversations are in use, "
-                        "try again later", headers={"Retry-After": "5"},
-                   capacity=agent.max_conversations)
 
 
 def create_app(agent, static_dir: Path = WEB_DIR, policy=None, profile_stages: bool | None = None):
@@ -51,9 +41,9 @@ def create_app(agent, static_dir: Path = WEB_DIR, policy=None, profile_stages: b
     `profile_stages`: time the engine's stages for /metrics (default: on CPU only)."""
     from aiohttp import web
 
-    from streams.metrics import Metrics
-    from streams.moshi_ws import MoshiChat
-    from streams.security import ConversationTracker, Policy, guard_middleware
+    from duplex_agent.streams.metrics import Metrics
+    from duplex_agent.streams.moshi_ws import MoshiChat
+    from duplex_agent.streams.security import ConversationTracker, Policy, guard_middleware
 
     policy = policy or Policy()
     metrics = Metrics()
@@ -101,9 +91,9 @@ def create_app(agent, static_dir: Path = WEB_DIR, policy=None, profile_stages: b
     app.on_shutdown.append(close_sockets)
     app.on_cleanup.append(stop_background)
     try:
-        from streams import webrtc
+        from duplex_agent.streams import webrtc
     except ModuleNotFoundError as e:
-        if e.name != "streams.webrtc":
+        if e.name != "duplex_agent.streams.webrtc":
             raise
         log.warning("streams/webrtc.py not found: WebRTC (POST /offer) is disabled")
     else:
@@ -123,7 +113,7 @@ async def _sweep_forever(tracker, interval_s: float) -> None:
 
 
 def stats(agent, chat) -> dict:
-    from agent.api import percentile
+    from duplex_agent.agent.api import percentile
     driver = agent._driver
     # copy() is atomic under the GIL; the engine thread appends to these deques.
     tick_ms = sorted(driver.tick_ms.copy())
@@ -217,7 +207,7 @@ def _origins(text: str) -> frozenset[str]:
 
 
 def policy_from_args(args):
-    from streams.security import Policy
+    from duplex_agent.streams.security import Policy
     return Policy(auth_token=args.auth_token, allowed_origins=args.allowed_origins,
                   max_message_bytes=args.max_message_bytes, max_offer_bytes=args.max_offer_bytes,
                   max_per_client=args.max_per_client, idle_timeout_s=args.idle_timeout or None,
@@ -227,8 +217,8 @@ def policy_from_args(args):
 def run_serve(args) -> int:
     import sys
 
-    from agent.api import Agent
-    from streams.security import tls_context
+    from duplex_agent.agent.api import Agent
+    from duplex_agent.streams.security import tls_context
     if bool(args.ssl_cert) != bool(args.ssl_key):
         print("error: --ssl-cert and --ssl-key go together", file=sys.stderr)
         return 2
@@ -252,7 +242,7 @@ async def serve(agent, host: str, port: int, policy=None, ssl_context=None,
     """Serve until SIGINT or SIGTERM, then close every connection and return."""
     from aiohttp import web
 
-    from streams.security import Policy, RedactingAccessLogger
+    from duplex_agent.streams.security import Policy, RedactingAccessLogger
     policy = policy or Policy()
     _warn_if_exposed(host, policy, ssl_context)
     runner = web.AppRunner(create_app(agent, policy=policy, profile_stages=profile_stages),

@@ -29,9 +29,9 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
-from agent.api import AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut, percentile
-from agent.config import SAMPLE_RATE, sampling_from_params
-from streams.security import refusal
+from duplex_agent.agent.api import AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut, percentile
+from duplex_agent.agent.config import SAMPLE_RATE, sampling_from_params
+from duplex_agent.streams.security import refusal
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def setup_routes(app: web.Application, agent) -> None:
         try:
             conv = agent.open(sampling)
         except AgentFull:
-            from streams.server import refuse_full  # server.py imports this module: import late
+            from duplex_agent.streams.security import refuse_full
             return refuse_full(agent)
 
         session = PeerSession(conv, sessions.discard)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streams.aec import EchoCanceller, PassThrough
+from duplex_agent.streams.aec import EchoCanceller, PassThrough
 from tests.helpers import espeak, needs_espeak
 
 RATE = 48_000

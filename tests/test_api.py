@@ -6,9 +6,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from agent.api import Agent, AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut
-from agent.config import FRAME_SIZE
-from checkpoints.tiny_random import synthetic_audio
+from duplex_agent.agent.api import Agent, AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut
+from duplex_agent.agent.config import FRAME_SIZE
+from duplex_agent.checkpoints.tiny_random import synthetic_audio
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,8 @@ def test_lm_floor_is_the_reference_figures():
     5.44 ms per frame for one conversation at full context and 21.7 ms for 32."""
     import torch
 
-    from agent.bench import lm_floor_ms
-    from agent.config import LMConfig
+    from duplex_agent.agent.bench import lm_floor_ms
+    from duplex_agent.agent.config import LMConfig
     cfg, bw = LMConfig.moshiko(), 3.0e12
     bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
     assert round(lm_floor_ms(cfg, 1, True, bf16, bw), 2) == 5.44

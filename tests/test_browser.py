@@ -22,10 +22,10 @@ import pytest
 import soundfile
 from aiohttp import web
 
-from agent.api import Agent
-from agent.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
-from streams.server import create_app
-from streams.webrtc import AgentVoiceTrack
+from duplex_agent.agent.api import Agent
+from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
+from duplex_agent.streams.server import create_app
+from duplex_agent.streams.webrtc import AgentVoiceTrack
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"

@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from agent.config import LMConfig, SamplingConfig
-from agent.lm_gen import LMGen
-from checkpoints.loader import load_checkpoint
+from duplex_agent.agent.config import LMConfig, SamplingConfig
+from duplex_agent.agent.lm_gen import LMGen
+from duplex_agent.checkpoints.loader import load_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SLOTS = 6
@@ -68,9 +68,9 @@ def test_engine_isolation_on_cuda():
     tokens and audio are bit-identical alone or among others that join, leave and skip."""
     import numpy as np
 
-    from agent.config import FRAME_SIZE
-    from agent.engine import Engine
-    from checkpoints.tiny_random import synthetic_audio
+    from duplex_agent.agent.config import FRAME_SIZE
+    from duplex_agent.agent.engine import Engine
+    from duplex_agent.checkpoints.tiny_random import synthetic_audio
 
     def frames(seed, n):
         pcm = synthetic_audio(n * FRAME_SIZE, seed=seed).numpy().reshape(-1)

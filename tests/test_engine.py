@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from agent.config import FRAME_SIZE, LMConfig, SamplingConfig
-from agent.engine import Engine, EngineFull
-from checkpoints.loader import load_checkpoint
-from checkpoints.tiny_random import synthetic_audio
+from duplex_agent.agent.config import FRAME_SIZE, LMConfig, SamplingConfig
+from duplex_agent.agent.engine import Engine, EngineFull
+from duplex_agent.checkpoints.loader import load_checkpoint
+from duplex_agent.checkpoints.tiny_random import synthetic_audio
 
 FRAMES = 30
 SLOTS = 4
@@ -23,7 +23,7 @@ def bundle():
 
 def fresh_engine(bundle, slots=SLOTS, kv_dtype=None, free_bytes=None):
     # The engine owns the Mimi streaming state, so each engine gets its own codec instance.
-    from checkpoints.tiny_random import build_tiny_mimi
+    from duplex_agent.checkpoints.tiny_random import build_tiny_mimi
     b = type(bundle)(**{**bundle.__dict__, "mimi": build_tiny_mimi()})
     return Engine(b, slots, kv_dtype=kv_dtype, free_bytes=free_bytes)
 
@@ -110,7 +110,7 @@ def test_equals_reference_library_one_conversation_at_a_time(bundle):
     from moshi.models import loaders
     from moshi.models.lm import LMGen as RefLMGen
 
-    from checkpoints.tiny_random import build_tiny_lm_state, build_tiny_mimi
+    from duplex_agent.checkpoints.tiny_random import build_tiny_lm_state, build_tiny_mimi
 
     cfg = LMConfig.tiny()
     ref_lm = loaders.get_moshi_lm(None, lm_kwargs=cfg.to_moshi_lm_kwargs(), dtype=torch.float32,
@@ -167,8 +167,8 @@ def test_stale_frame_for_a_reopened_slot_is_skipped(bundle):
 
 
 def test_capacity_is_computed_and_an_oversized_engine_refused(bundle, monkeypatch):
-    from agent import engine as engine_module
-    from agent.engine import CapacityError, bytes_per_conversation, conversations_that_fit
+    from duplex_agent.agent import engine as engine_module
+    from duplex_agent.agent.engine import CapacityError, bytes_per_conversation, conversations_that_fit
 
     moshiko, fp8 = LMConfig.moshiko(), torch.float8_e4m3fn
     # The real shape: 32 layers x 2 x 4096 x 3000 steps in bf16 = 1.57 GB of KV per conversation.
@@ -212,7 +212,7 @@ def test_float8_kv_cache_is_close_to_full_precision(bundle):
     """The float8 cache changes only the attention inputs' precision: logits stay close."""
     import copy
 
-    from agent.lm_gen import LMGen
+    from duplex_agent.agent.lm_gen import LMGen
     gens = {dtype: LMGen(copy.deepcopy(bundle.model), 1, kv_dtype=dtype)
             for dtype in (None, torch.float8_e4m3fn)}
     assert gens[torch.float8_e4m3fn].model.caches[0].k.dtype == torch.float8_e4m3fn

@@ -66,7 +66,7 @@ def test_tiny_random(speech, tmp_path):
 def test_local_directory_equals_builtin(speech, tmp_path):
     """A local checkpoint directory (Kyutai layout + moshi config.json) loads through the real
     loader, and with the same weights and seed gives exactly the built-in model's output."""
-    from checkpoints.tiny_random import write_checkpoint_dir
+    from duplex_agent.checkpoints.tiny_random import write_checkpoint_dir
     ckpt = write_checkpoint_dir(tmp_path / "ckpt")
     out_dir, tr_dir = tmp_path / "dir.wav", tmp_path / "dir.json"
     r = run_agent("file", speech, out_dir, "--transcript", tr_dir, "--checkpoint", ckpt,

@@ -29,11 +29,11 @@ from aiohttp import web
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from agent.api import Agent
-from agent.config import FRAME_SIZE, SAMPLE_RATE
-from streams.loadtest import MoshiClient
-from streams.security import Policy
-from streams.server import create_app
+from duplex_agent.agent.api import Agent
+from duplex_agent.agent.config import FRAME_SIZE, SAMPLE_RATE
+from duplex_agent.streams.loadtest import MoshiClient
+from duplex_agent.streams.security import Policy
+from duplex_agent.streams.server import create_app
 
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
 MAX_MESSAGE = 4096  # small, so that generated messages cross it

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from agent.api import Agent, AudioOut, ErrorOut
-from agent.config import FRAME_SIZE, SAMPLE_RATE
-from streams.loadtest import ClientResult, MoshiClient, scrape_metrics
+from duplex_agent.agent.api import Agent, AudioOut, ErrorOut
+from duplex_agent.agent.config import FRAME_SIZE, SAMPLE_RATE
+from duplex_agent.streams.loadtest import ClientResult, MoshiClient, scrape_metrics
 from tests.helpers import start_serve
-from streams.security import Policy, RedactingAccessLogger
-from streams.server import create_app
+from duplex_agent.streams.security import Policy, RedactingAccessLogger
+from duplex_agent.streams.server import create_app
 
 CAPACITY = 2
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
@@ -320,7 +320,7 @@ def self_signed_certificate(directory) -> tuple[str, str]:
 
 
 async def test_tls_round_trip(start_server, session, tmp_path):
-    from streams.security import tls_context
+    from duplex_agent.streams.security import tls_context
     cert, key = self_signed_certificate(tmp_path)
     base = await start_server(ssl_context=tls_context(cert, key))
     assert base.startswith("https://")
@@ -369,7 +369,7 @@ async def converse_more(client: MoshiClient, frames: int) -> None:
 # -- metrics and logs ------------------------------------------------------------------------------
 
 async def test_metrics_follow_a_conversation(start_server, session, agent, caplog):
-    caplog.set_level(logging.INFO, logger="streams.security")
+    caplog.set_level(logging.INFO, logger="duplex_agent.streams.security")
     base = await start_server()
     async with session.get(f"{base}/metrics") as r:
         assert r.status == 200 and r.content_type == "text/plain"
@@ -435,8 +435,8 @@ def test_access_log_hides_the_token(caplog):
 
 
 def test_serve_flags(monkeypatch):
-    from agent.cli import build_parser
-    from streams.server import policy_from_args
+    from duplex_agent.agent.cli import build_parser
+    from duplex_agent.streams.server import policy_from_args
     monkeypatch.setenv("AGENT_AUTH_TOKEN", "from-env")
     args = build_parser().parse_args([
         "serve", "--allowed-origins", "https://a.example, https://b.example:8443",

@@ -12,10 +12,10 @@ from moshi.models.lm import LMModel
 from moshi.modules.gating import ActivationGating
 from safetensors.torch import save_file
 
-from agent.config import LMConfig
-from checkpoints.hf_format import (hf_config_to_moshi, hf_mimi_config_to_moshi, hf_to_kyutai_lm,
+from duplex_agent.agent.config import LMConfig
+from duplex_agent.checkpoints.hf_format import (hf_config_to_moshi, hf_mimi_config_to_moshi, hf_to_kyutai_lm,
                                    hf_to_kyutai_mimi, is_hf_moshi_state, read_hf_checkpoint)
-from checkpoints.kyutai_format import moshi_to_disk
+from duplex_agent.checkpoints.kyutai_format import moshi_to_disk
 
 transformers = pytest.importorskip("transformers")
 
@@ -263,8 +263,8 @@ def test_our_loader_and_model_match_transformers(hf_dir, hf_model, tokens, hf_te
     text and depth logits as transformers computes."""
     import shutil
 
-    from checkpoints.loader import load_checkpoint
-    from checkpoints.tiny_random import tiny_tokenizer_bytes
+    from duplex_agent.checkpoints.loader import load_checkpoint
+    from duplex_agent.checkpoints.tiny_random import tiny_tokenizer_bytes
 
     directory = tmp_path / "hf"
     shutil.copytree(hf_dir, directory)

@@ -25,8 +25,8 @@ triton = pytest.importorskip("triton")
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-import kernels.decode_attention as da  # noqa: E402
-from kernels.attention_ref import decode_attention_ref  # noqa: E402
+import duplex_agent.kernels.decode_attention as da  # noqa: E402
+from duplex_agent.kernels.attention_ref import decode_attention_ref  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -315,7 +315,7 @@ def test_int64_offsets_cuda():
 
 
 def test_bench_pure_python(capsys):
-    from kernels import bench_attention as ba
+    from duplex_agent.kernels import bench_attention as ba
 
     # bf16, B=1, H=32, D=128, full window: 2 * 3000 keys/values + q + out, 256 bytes per row each.
     assert ba.attention_bytes(1, 32, 3000, 128, 2) == (2 * 3000 + 2) * 32 * 128 * 2

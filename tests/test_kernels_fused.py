@@ -10,9 +10,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from kernels.embedding import embed_add_ref, embed_add_triton  # noqa: E402
-from kernels.rms_norm import rms_norm_ref, rms_norm_triton  # noqa: E402
-from kernels.silu_gate import silu_gate_ref, silu_gate_triton  # noqa: E402
+from duplex_agent.kernels.embedding import embed_add_ref, embed_add_triton  # noqa: E402
+from duplex_agent.kernels.rms_norm import rms_norm_ref, rms_norm_triton  # noqa: E402
+from duplex_agent.kernels.silu_gate import silu_gate_ref, silu_gate_triton  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -96,7 +96,7 @@ def test_bad_shapes_are_refused():
 def test_fused_kernels_cut_the_launches_of_a_step():
     """On the real layer structure, the Triton path launches far fewer kernels per step, and none
     of the torch operations the fused kernels replace is left."""
-    from kernels.launch_count import count_step_launches
+    from duplex_agent.kernels.launch_count import count_step_launches
     on_torch, on_triton = count_step_launches("torch"), count_step_launches("triton")
     assert sum(on_triton.values()) * 3 < sum(on_torch.values())
     for replaced in ("rsqrt", "mean", "silu", "log", "bitwise_xor", "embedding", "clamp",

@@ -9,7 +9,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from kernels.sampling import (gumbel_noise, mix32, row_keys, sample_ref,  # noqa: E402
+from duplex_agent.kernels.sampling import (gumbel_noise, mix32, row_keys, sample_ref,  # noqa: E402
                               sample_triton)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -260,7 +260,7 @@ def test_device_errors_and_listing(pulse):
 
 
 def test_jitter_buffer():
-    from streams.local import JitterBuffer
+    from duplex_agent.streams.local import JitterBuffer
 
     jb = JitterBuffer(rate=1000, prebuffer_s=0.05, max_s=0.2)
     jb.write(np.ones(40, np.float32))

@@ -7,11 +7,11 @@ from moshi.models import loaders
 from moshi.models.lm import LMGen as RefLMGen
 from safetensors.torch import save_file
 
-from agent.config import LMConfig, SamplingConfig
-from agent.lm_gen import LMGen
-from agent.model import MoshiLM
-from checkpoints.kyutai_format import moshi_to_disk
-from checkpoints.loader import _build_lm
+from duplex_agent.agent.config import LMConfig, SamplingConfig
+from duplex_agent.agent.lm_gen import LMGen
+from duplex_agent.agent.model import MoshiLM
+from duplex_agent.checkpoints.kyutai_format import moshi_to_disk
+from duplex_agent.checkpoints.loader import _build_lm
 
 STEPS = 120  # > 2x the tiny context (50): the ring KV cache wraps
 
@@ -107,7 +107,7 @@ def test_triton_kernels_match_reference(reference_and_ours, monkeypatch):
     codes = _user_codes(cfg, steps, seed=8)
     ref_text, ref_audio, ref_frames = _run_reference(ref, codes, use_sampling=False)
     monkeypatch.setenv("AGENT_KERNELS", "triton")
-    import kernels.decode_attention as da
+    import duplex_agent.kernels.decode_attention as da
     launches = []
     triton_impl = da.decode_attention_triton
     monkeypatch.setattr(da, "decode_attention_triton",

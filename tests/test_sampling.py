@@ -8,8 +8,8 @@ import pytest
 import torch
 from moshi.utils.sampling import sample_token
 
-from agent.sampling import BatchSampler
-from kernels.sampling import gumbel_noise, mix32, uniform_from_hash
+from duplex_agent.agent.sampling import BatchSampler
+from duplex_agent.kernels.sampling import gumbel_noise, mix32, uniform_from_hash
 
 DRAWS = 20_000
 

@@ -20,9 +20,10 @@ import soxr
 import sphn
 from aiohttp import web
 
-from agent.api import Agent
-from agent.config import FRAME_SIZE, SAMPLE_RATE
-from streams.server import create_app, refuse_full
+from duplex_agent.agent.api import Agent
+from duplex_agent.agent.config import FRAME_SIZE, SAMPLE_RATE
+from duplex_agent.streams.security import refuse_full
+from duplex_agent.streams.server import create_app
 from tests.helpers import start_serve
 
 CAPACITY = 3
@@ -294,9 +295,9 @@ async def test_index_and_static_files(server, session, tmp_path):
 
 
 def test_app_without_webrtc_module(agent, monkeypatch, caplog):
-    import streams
+    import duplex_agent.streams as streams
     monkeypatch.delattr(streams, "webrtc", raising=False)
-    monkeypatch.setitem(sys.modules, "streams.webrtc", None)  # as if streams/webrtc.py were absent
+    monkeypatch.setitem(sys.modules, "duplex_agent.streams.webrtc", None)  # as if streams/webrtc.py were absent
     app = create_app(agent)
     paths = {r.resource.canonical for r in app.router.routes()}
     assert {"/", "/api/chat", "/api/stats"} <= paths and "/offer" not in paths

@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from agent.api import Agent
-from streams.loadtest import format_report, load_speech, run_load
-from streams.server import create_app
+from duplex_agent.agent.api import Agent
+from duplex_agent.streams.loadtest import format_report, load_speech, run_load
+from duplex_agent.streams.server import create_app
 
 CLIENTS = 8
 SECONDS = float(os.environ.get("SOAK_SECONDS", "30"))

@@ -7,9 +7,9 @@ import torch
 from moshi.models.loaders import CheckpointInfo, get_mimi
 from safetensors.torch import load_file
 
-from agent.config import FRAME_SIZE, LMConfig
-from checkpoints import tiny_random
-from checkpoints.kyutai_format import moshi_to_disk
+from duplex_agent.agent.config import FRAME_SIZE, LMConfig
+from duplex_agent.checkpoints import tiny_random
+from duplex_agent.checkpoints.kyutai_format import moshi_to_disk
 
 TEST_AUDIO_SEED = 1234  # not the calibration audio of seed 0
 

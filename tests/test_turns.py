@@ -11,7 +11,7 @@ import pytest
 import soundfile
 import soxr
 
-from agent.turns import TurnTaking
+from duplex_agent.agent.turns import TurnTaking
 from tests.helpers import espeak, needs_espeak
 
 RATE = 24_000
