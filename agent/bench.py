@@ -3,16 +3,22 @@
 Each tick is split into Mimi encode / LM / Mimi decode, at empty context and at full context
 (every slot's ring KV cache holding `context` steps), for our engine and for the moshi library's
 `LMGen` + Mimi on identical random weights, in the same run. On CUDA the model is the real
-moshiko shape (random init, bf16); on CPU the tiny config. Prints a table, writes JSON and a PNG.
+moshiko shape (random init, bf16); on CPU the tiny config. Prints a table, writes JSON (rewritten
+after every point, so a run cut short keeps what it measured) and a PNG. `--sessions max` is the
+most conversations whose KV caches fit in free memory; a point that does not fit after all is
+listed in the JSON's meta["skipped"] and the run goes on.
 """
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import platform
 import statistics
+import subprocess
 import time
+from importlib import metadata
 from pathlib import Path
 
 # Bytes of bf16 weights read per step at B=1 (temporal + text head + 8 depformer slices), from
@@ -24,13 +30,17 @@ def register(sub, add_checkpoint_args, add_sampling_args) -> None:
     p = sub.add_parser("bench", help="benchmark ticks vs active conversations, ours and moshi's")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--sessions", default=None,
-                   help="comma-separated conversation counts (default cpu: 1,2,4,8; "
-                        "cuda: 1,2,4,8,16,32,64)")
+                   help="comma-separated conversation counts, `max` for the most that fit at full "
+                        "context (default cpu: 1,2,4,8; cuda: 1,2,4,8,16,32,64)")
+    p.add_argument("--max-cap", type=int, default=None, help="an upper bound for `max`")
+    p.add_argument("--contexts", default="empty,full",
+                   help="empty, full (every ring holding its whole window) or both")
     p.add_argument("--steps", type=int, default=None, help="timed ticks per point")
     p.add_argument("--no-reference", action="store_true", help="skip the moshi library")
     p.add_argument("--kv-cache", choices=["auto", "fp8"], default="auto",
                    help="our engine's KV cache dtype (the reference's is always the weights')")
     p.add_argument("--out", default="bench/results", help="folder for JSON and PNG")
+    p.add_argument("--tag", default="", help="a label for the file name (e.g. torch-kernels)")
     p.set_defaults(func=run_bench)
 
 
@@ -38,72 +48,122 @@ def run_bench(args) -> int:
     import torch
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
-    sessions = [int(s) for s in (args.sessions or ("1,2,4,8,16,32,64" if cuda else "1,2,4,8")).split(",")]
+    sessions = (args.sessions or ("1,2,4,8,16,32,64" if cuda else "1,2,4,8")).split(",")
+    contexts = args.contexts.split(",")
+    if not set(contexts) <= {"empty", "full"}:
+        raise SystemExit(f"--contexts takes empty, full or both, not {args.contexts!r}")
     steps = args.steps or (50 if cuda else 10)
-    results = bench(device, sessions, steps, reference=not args.no_reference, kv_cache=args.kv_cache)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    json_path = out / f"bench-{results['meta']['device']}-{results['meta']['model'].split()[0]}-{stamp}.json"
-    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    tag = f"-{args.tag}" if args.tag else ""
+    json_path = None
+
+    def save(partial: dict) -> None:  # after every point: a run cut short keeps what it measured
+        nonlocal json_path
+        m = partial["meta"]
+        json_path = json_path or out / f"bench-{m['device']}-{m['model'].split()[0]}{tag}-{stamp}.json"
+        json_path.write_text(json.dumps(partial, indent=1) + "\n")
+
+    results = bench(device, sessions, steps, reference=not args.no_reference, kv_cache=args.kv_cache,
+                    contexts=contexts, max_cap=args.max_cap, on_point=save)
+    save(results)
     print(format_table(results))
     png = plot(results, json_path.with_suffix(".png"))
     print(f"wrote {json_path}" + (f" and {png}" if png else ""))
     return 0
 
 
-def bench(device, sessions: list[int], steps: int, reference: bool = True,
-          kv_cache: str = "auto") -> dict:
+def bench(device, sessions: list[int | str], steps: int, reference: bool = True,
+          kv_cache: str = "auto", contexts=("empty", "full"), max_cap: int | None = None,
+          on_point=None) -> dict:
+    """Rows per (conversations, context, implementation). `sessions` may hold "max": the most
+    conversations whose full KV caches fit in free memory (at most `max_cap`). A point that
+    does not fit after all is listed in meta["skipped"] and the run goes on. `on_point` gets
+    the results so far after every point."""
     import torch
 
-    from duplex_agent.agent.engine import KV_CACHE_DTYPES, Engine, conversations_that_fit, free_device_memory
+    from duplex_agent.agent.engine import (KV_CACHE_DTYPES, CapacityError, Engine, conversations_that_fit,
+                                           free_device_memory)
     kv_dtype = KV_CACHE_DTYPES[kv_cache]
+    cuda = device.type == "cuda"
     bundle_factory, cfg_name = _model_factory(device)
     probe = bundle_factory()
     weights = probe.model.text_linear.weight
-    # Ours and the reference each hold a KV cache per conversation, one after the other; the
-    # reference's is in the weights' dtype.
-    fit = conversations_that_fit(probe.config, weights.dtype, free_device_memory(device),
-                                 None if reference else kv_dtype)
-    if any(n > fit for n in sessions):
-        print(f"skipping {[n for n in sessions if n > fit]}: at most {fit} conversations fit")
-        sessions = [n for n in sessions if n <= fit]
     probe_cfg = probe.config
-    del probe
-    rows, described = [], {}
-    for n in sessions:
-        for context in ("empty", "full"):
-            bundle = bundle_factory()
-            engine = Engine(bundle, n, kv_dtype=kv_dtype)
-            described = engine.describe()
-            for _ in range(n):
-                engine.open()
-            engine.profile = True
-            if context == "full":
-                _fill_context(engine, bundle)
-            rows.append(_time_ours(engine, n, steps, context))
-            del engine
-            bundle.model.caches = bundle.model.dep_caches = None  # free our KV before moshi's
-            if reference:
-                rows.append(_time_reference(bundle_factory(), n, steps, context))
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
     meta = _meta(device, cfg_name)
-    meta["kv_cache"] = described.get("kv_cache")
-    meta["cuda_graphs"] = described.get("cuda_graphs")
-    if device.type == "cuda":
+    if cuda:
         # The floor of an LM step: weights read once, plus every executing conversation's KV
         # window (full context: all `context` steps), at the measured copy bandwidth.
         bandwidth = _copy_bandwidth(device)
+        torch.cuda.empty_cache()  # the copy's buffers are not ours to keep
         kv_dtypes = {"ours": kv_dtype or weights.dtype, "moshi": weights.dtype}
         meta["copy_bandwidth_gbps"] = round(bandwidth / 1e9, 1)
         meta["bandwidth_floor_ms_b1"] = round(MOSHIKO_BYTES_PER_STEP / bandwidth * 1e3, 3)
-        for row in rows:
+    # Ours and the reference each hold a KV cache per conversation, one after the other; the
+    # reference's is in the weights' dtype. Full or empty, a ring is allocated whole. Measured
+    # while the probe's Mimi is alive, as one bundle's will be when each engine is made.
+    fit = conversations_that_fit(probe_cfg, weights.dtype, free_device_memory(device),
+                                 None if reference else kv_dtype)
+    del probe
+    meta["conversations_that_fit"] = fit
+    meta["skipped"] = []
+    counts = session_counts(sessions, fit, max_cap)
+    rows, results = [], {"meta": meta, "rows": []}
+
+    def add(row: dict) -> None:
+        if cuda:
             floor = lm_floor_ms(probe_cfg, row["sessions"], row["context"] == "full",
                                 kv_dtypes[row["impl"]], bandwidth)
             row["lm_floor_ms"] = round(floor, 3)
             row["lm_over_floor"] = round(row["lm_p50_ms"] / floor, 2)
-    return {"meta": meta, "rows": rows}
+        rows.append(row)
+        results["rows"] = rows
+        if on_point:
+            on_point(results)
+
+    def release() -> None:
+        gc.collect()  # CUDA graphs and streaming states hold their memory until collected
+        if cuda:
+            torch.cuda.empty_cache()
+
+    for n in counts:
+        for context in contexts:
+            bundle = bundle_factory()
+            try:
+                engine = Engine(bundle, n, kv_dtype=kv_dtype)
+                meta.update({k: engine.describe().get(k) for k in ("kv_cache", "cuda_graphs")})
+                for _ in range(n):
+                    engine.open()
+                engine.profile = True
+                if context == "full":
+                    _fill_context(engine, bundle)
+                add(_time_ours(engine, n, steps, context))
+            except (CapacityError, torch.OutOfMemoryError) as e:
+                meta["skipped"].append({"impl": "ours", "sessions": n, "context": context,
+                                        "reason": str(e).splitlines()[0]})
+            engine = None
+            bundle.model.caches = bundle.model.dep_caches = None  # free our KV before moshi's
+            bundle = None  # and this Mimi's streaming state
+            release()
+            if reference:
+                try:
+                    add(_time_reference(bundle_factory(), n, steps, context))
+                except torch.OutOfMemoryError as e:
+                    meta["skipped"].append({"impl": "moshi", "sessions": n, "context": context,
+                                            "reason": str(e).splitlines()[0]})
+                release()
+    return results
+
+
+def session_counts(sessions: list[int | str], fit: int, max_cap: int | None = None) -> list[int]:
+    """Ascending conversation counts from `--sessions` items; "max" is `fit` (at most
+    `max_cap`); counts above `fit` are dropped, saying so."""
+    most = min(fit, max_cap) if max_cap else fit
+    counts = sorted({most if str(s).strip() == "max" else int(s) for s in sessions} - {0})
+    if any(n > fit for n in counts):
+        print(f"skipping {[n for n in counts if n > fit]}: at most {fit} conversations fit")
+    return [n for n in counts if n <= fit]
 
 
 def _model_factory(device):
@@ -231,16 +291,36 @@ def _row(impl, n, context, stages) -> dict:
 
 
 def _meta(device, cfg_name) -> dict:
-    import moshi
-    import torch
-
     from duplex_agent.kernels.dispatch import kernel_backend
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+    return {**bench_meta(device), "model": cfg_name, "kernels": kernel_backend()}
+
+
+def bench_meta(device) -> dict:
+    """Where a result was measured: the device by name, its driver, and the versions that matter."""
+    import torch
+    cuda = torch.device(device).type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else (
         f"{_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
-    return {"date": datetime.date.today().isoformat(), "device": device.type, "device_name": name,
-            "model": cfg_name, "torch": torch.__version__, "moshi": moshi.__version__,
-            "kernels": kernel_backend(),
-            "python": platform.python_version()}
+    return {"date": datetime.date.today().isoformat(), "device": torch.device(device).type,
+            "device_name": name, "driver": _nvidia_driver() if cuda else None,
+            "cuda": torch.version.cuda, "torch": torch.__version__, "triton": _version("triton"),
+            "moshi": _version("moshi"), "python": platform.python_version()}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
 
 
 def _cpu_model() -> str:
