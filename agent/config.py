@@ -37,6 +37,8 @@ class LMConfig:
     depformer_num_heads: int = 16
     depformer_num_layers: int = 6
     depformer_dim_feedforward: int = 4224
+    # weights: int8 linears (moshi's q8 layout: row-wise int8 `weight` + float32 `weight_scb`)
+    quantize: bool = False
 
     # -- presets ---------------------------------------------------------------------------------
     @classmethod
@@ -103,7 +105,7 @@ class LMConfig:
             depformer_multi_linear=True, depformer_context=self.dep_q,
             depformer_max_period=self.max_period, depformer_gating="silu",
             depformer_pos_emb="none", depformer_weights_per_step=True, delays=list(self.delays),
-        )
+        ) | ({"quantize": True} if self.quantize else {})
 
     @classmethod
     def from_moshi_json(cls, raw: dict) -> "LMConfig":

@@ -11,7 +11,8 @@ import re
 
 import torch
 
-_IN_MEMORY = re.compile(r"^(.*\.self_attn)\.(in_projs|out_projs)\.(\d+)\.weight$")
+# `_scb`: the row scales of a q8 (int8) weight, stacked like the weight.
+_IN_MEMORY = re.compile(r"^(.*\.self_attn)\.(in_projs|out_projs)\.(\d+)\.weight(_scb)?$")
 
 
 def moshi_to_disk(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -23,8 +24,9 @@ def moshi_to_disk(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if m is None:
             out[key] = value
             continue
-        prefix, kind, step = m.groups()
+        prefix, kind, step, scb = m.groups()
         name = f"{prefix}.in_proj_weight" if kind == "in_projs" else f"{prefix}.out_proj.weight"
+        name += scb or ""
         stacked.setdefault(name, {})[int(step)] = value
     for name, steps in stacked.items():
         out[name] = torch.cat([steps[s] for s in sorted(steps)], dim=0).contiguous()
