@@ -9,6 +9,8 @@ _EXPORTS = {
     "AudioOut": "duplex_agent.agent.events", "ErrorOut": "duplex_agent.agent.events",
     "TextOut": "duplex_agent.agent.events",
     "LMConfig": "duplex_agent.agent.config", "SamplingConfig": "duplex_agent.agent.config",
+    "PersonaError": "duplex_agent.checkpoints.personaplex",
+    "VoicePrompt": "duplex_agent.checkpoints.personaplex",
 }
 __all__ = list(_EXPORTS)
 

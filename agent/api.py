@@ -75,6 +75,8 @@ class Conversation:
                  max_backlog: int, max_output: int):
         self.id = f"c{next(_ids)}"
         self.agent, self.slot = agent, slot
+        self.voice_prompt: str | None = None  # the persona's voice name (set by Agent.open)
+        self.text_prompt: str | None = None  # the persona's text prompt
         self._owner = agent.engine.slots[slot]  # the engine's Slot: frames are tagged with it
         self.stats = ConversationStats()
         self.closed = False
@@ -255,13 +257,19 @@ class Agent:
 
     @classmethod
     def load(cls, checkpoint: str = "kyutai/moshiko-pytorch-bf16", device=None,
-             max_conversations: int = 8, kv_cache: str = "auto", **kwargs) -> "Agent":
-        """`kv_cache`: "auto" (the weights' dtype) or "fp8" (half the memory per conversation)."""
+             max_conversations: int = 8, kv_cache: str = "auto", quantize: str | None = None,
+             lora: str | None = None, voice_prompt_dir: str | None = None,
+             **kwargs) -> "Agent":
+        """`kv_cache`: "auto" (the weights' dtype) or "fp8" (half the memory per conversation).
+        `quantize="int8"`: int8 linear weights; `lora`: a LoRA adapter file fused at load;
+        `voice_prompt_dir`: a folder of voices replacing a persona checkpoint's own."""
         from duplex_agent.agent.engine import KV_CACHE_DTYPES, Engine
         from duplex_agent.checkpoints.loader import load_checkpoint
         if kv_cache not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache={kv_cache!r}: expected one of {', '.join(KV_CACHE_DTYPES)}")
-        engine = Engine(load_checkpoint(checkpoint, device), max_conversations,
+        engine = Engine(load_checkpoint(checkpoint, device, quantize=quantize, lora=lora,
+                                        voice_prompt_dir=voice_prompt_dir),
+                        max_conversations,
                         kv_dtype=KV_CACHE_DTYPES[kv_cache])
         return cls(engine, **kwargs)
 
@@ -269,20 +277,36 @@ class Agent:
     def sampling_defaults(self) -> SamplingConfig:
         return self.engine.bundle.sampling
 
-    def open(self, sampling: SamplingConfig | None = None) -> Conversation:
-        """Start a conversation. Call from the event loop that will consume its events."""
+    def open(self, sampling: SamplingConfig | None = None, *, voice_prompt=None,
+             text_prompt: str | None = None) -> Conversation:
+        """Start a conversation. Call from the event loop that will consume its events.
+
+        A persona checkpoint (PersonaPlex) takes a `voice_prompt` (a name from `voices()`, or a
+        loaded `VoicePrompt`) and a `text_prompt` (the role, e.g. "You are a helpful teacher."):
+        the conversation starts after them, as the reference's prompt phase leaves it. Raises
+        AgentFull, or PersonaError (unknown voice, prompt too long for the context window, a
+        persona asked of a checkpoint without persona training) before any slot is taken."""
+        from duplex_agent.agent.persona import persona_prompt
+        prompt = persona_prompt(self.engine.bundle, voice_prompt, text_prompt)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         with self._lock:
             try:
-                slot = self.engine.open(sampling)
+                slot = self.engine.open(sampling, prompt)
             except EngineFull as e:
                 raise AgentFull(str(e)) from None
             conv = Conversation(self, slot, loop, self._max_backlog, self._max_output)
+            conv.voice_prompt = prompt.voice if prompt is not None else None
+            conv.text_prompt = text_prompt
             self._conversations[slot] = conv
         return conv
+
+    def voices(self) -> list[str]:
+        """Voice names `open(voice_prompt=...)` takes; [] for a checkpoint without personas."""
+        personas = self.engine.bundle.personas
+        return personas.voices() if personas is not None else []
 
     def _release(self, conv: Conversation) -> None:
         with self._lock:

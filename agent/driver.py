@@ -96,6 +96,9 @@ class EngineDriver(threading.Thread):
                 events.append(TextOut(out.text, out.step, out.step / FRAME_RATE,
                                       (out.step + 1) / FRAME_RATE))
             self._deliver(conv, frames[row], events)
+        for conv in conversations:  # a conversation the engine could not start (its persona)
+            if conv._owner.error is not None:
+                self._fail(conv, conv._owner.error)
         for listener in tuple(self.tick_listeners):
             try:
                 listener(tick_ms, len(frames), len(conversations) - len(frames), latencies)

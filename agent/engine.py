@@ -7,6 +7,9 @@ ticks without touching the others.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import logging
 import os
 import threading
 import time
@@ -17,7 +20,12 @@ import torch
 
 from duplex_agent.agent.config import FRAME_SIZE, SamplingConfig
 from duplex_agent.agent.lm_gen import LMGen
+from duplex_agent.agent.text import PieceTable, TextDecoder
+from duplex_agent.agent.persona import DEFAULT_PROMPT_CACHE_BYTES, Prompt, PromptCache, prefill
 from duplex_agent.checkpoints.loader import AgentBundle
+from duplex_agent.checkpoints.quantize import weight_bytes
+
+log = logging.getLogger(__name__)
 
 
 class EngineFull(Exception):
@@ -57,6 +65,33 @@ def conversations_that_fit(cfg, dtype: torch.dtype, free_bytes: int,
     return max(0, (free_bytes - RESERVED_BYTES) // bytes_per_conversation(cfg, dtype, kv_dtype))
 
 
+@functools.lru_cache(maxsize=16)
+def model_weight_bytes(cfg, dtype: torch.dtype) -> int:
+    """Bytes of the LM's weights in memory: with `cfg.quantize` the linears are int8 plus a
+    float32 scale per row, everything else (embeddings, norms) is in `dtype`. Moshiko: 15.4 GB
+    in bf16, 8.0 GB with int8 linears."""
+    from duplex_agent.agent.model import MoshiLM
+    with torch.device("meta"):
+        state = MoshiLM(cfg).state_dict()
+    return sum(t.numel() * (t.element_size() if t.dtype == torch.int8 or k.endswith("_scb")
+                            else dtype.itemsize) for k, t in state.items())
+
+
+@functools.lru_cache(maxsize=1)
+def mimi_weight_bytes() -> int:
+    """Bytes of Kyutai's Mimi codec (float32, 385 MB), which shares the device with the LM."""
+    from moshi.models.loaders import get_mimi
+    return sum(t.numel() * t.element_size() for t in get_mimi(None, device="meta").state_dict().values())
+
+
+def conversations_on_device(cfg, dtype: torch.dtype, device_bytes: int,
+                            kv_dtype: torch.dtype | None = None) -> int:
+    """How many conversations a device with `device_bytes` of memory holds next to the LM
+    weights (int8 linears when `cfg.quantize`) and Mimi: the capacity table of the README."""
+    free = device_bytes - model_weight_bytes(cfg, dtype) - mimi_weight_bytes()
+    return conversations_that_fit(cfg, dtype, free, kv_dtype)
+
+
 def free_device_memory(device: torch.device) -> int:
     """Bytes the engine may still allocate on `device` (the weights are already loaded)."""
     if device.type == "cuda":
@@ -67,12 +102,21 @@ def free_device_memory(device: torch.device) -> int:
 def _capacity_message(cfg, dtype, free_bytes: int, asked: int, kv_dtype=None) -> str:
     fit = conversations_that_fit(cfg, dtype, free_bytes, kv_dtype)
     per = bytes_per_conversation(cfg, dtype, kv_dtype)
+    weights = model_weight_bytes(cfg, dtype)
     msg = (f"{asked} conversations do not fit: {free_bytes / 2**30:.1f} GiB is free after the "
-           f"weights and each conversation needs {per / 2**30:.2f} GiB (its KV cache of "
-           f"{cfg.context} steps); at most {fit} fit here. Ask for --max-sessions {fit} or fewer")
+           f"weights ({'int8' if cfg.quantize else str(dtype).removeprefix('torch.')}, "
+           f"{weights / 2**30:.1f} GiB) and each conversation needs {per / 2**30:.2f} GiB (its KV "
+           f"cache of {cfg.context} steps); at most {fit} fit here. Ask for --max-sessions {fit} "
+           "or fewer")
     fit_fp8 = conversations_that_fit(cfg, dtype, free_bytes, KV_CACHE_DTYPES["fp8"])
     if fit_fp8 > fit:
         msg += f", or use --kv-cache fp8 (float8 KV cache, slightly less exact): {fit_fp8} fit"
+    if not cfg.quantize:  # int8 linears would free the difference
+        saved = weights - model_weight_bytes(dataclasses.replace(cfg, quantize=True), dtype)
+        fit_int8 = conversations_that_fit(cfg, dtype, free_bytes + saved, kv_dtype)
+        if fit_int8 > fit:
+            msg += (f", or use --quantize int8 (int8 weights, {saved / 2**30:.1f} GiB less): "
+                    f"{fit_int8} fit")
     return msg + "."
 
 
@@ -81,19 +125,29 @@ class FrameOut:
     """What one conversation gets back from one tick."""
     pcm: np.ndarray  # [1920] float32, 24 kHz; silence until the model is past its delays
     text_id: int  # -2 while not yet generated
-    text: str | None  # printable piece, None for pad/end-of-pad/not generated
+    text: str | None  # the text this id completes (whole characters); None for pad/end-of-pad,
+    # not generated, or a byte piece of an unfinished character
     step: int  # index of this conversation's frame (0-based)
 
 
 @dataclass
 class Slot:
     sampling: SamplingConfig  # a seed of None is drawn at reset (LMGen.reset)
+    prompt: Prompt | None = None  # a persona's prompt, prefilled at reset
     steps: int = 0
+    error: str | None = None  # why this conversation cannot go on (its prompt failed); not ticked
+    text: TextDecoder | None = None  # this conversation's text ids -> whole UTF-8 characters
+
+    @property
+    def offset(self) -> int:
+        """The LM position of this conversation's next frame."""
+        return self.steps + (self.prompt.length if self.prompt is not None else 0)
 
 
 class Engine:
     def __init__(self, bundle: AgentBundle, max_sessions: int, free_bytes: int | None = None,
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: torch.dtype | None = None,
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES):
         """`kv_dtype`: the temporal KV caches' dtype (default the weights'; see KV_CACHE_DTYPES).
         `free_bytes` overrides the measured free device memory (for tests)."""
         if max_sessions < 1:
@@ -102,7 +156,7 @@ class Engine:
         self.cfg = bundle.config
         self.max_sessions = max_sessions
         self.device = bundle.model.text_linear.weight.device
-        dtype = bundle.model.text_linear.weight.dtype
+        dtype = bundle.model.out_norm.alpha.dtype  # the compute dtype, also with int8 weights
         free = free_device_memory(self.device) if free_bytes is None else free_bytes
         if max_sessions > conversations_that_fit(self.cfg, dtype, free, kv_dtype):
             raise CapacityError(_capacity_message(self.cfg, dtype, free, max_sessions, kv_dtype))
@@ -123,18 +177,24 @@ class Engine:
         self._exec_host, self._exec_dev = self._buffer_pair((max_sessions,), torch.bool)
         self._ready_host, self._ready_dev = self._buffer_pair((max_sessions,), torch.bool)
         self._reset_host, self._reset_dev = self._buffer_pair((max_sessions,), torch.bool)
+        self._persona_host, self._persona_dev = self._buffer_pair((max_sessions,), torch.bool)
         self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
-        self._no_text = {self.cfg.text_pad_id, self.cfg.text_epad_id}
+        self._pieces = PieceTable(bundle.tokenizer, {self.cfg.text_pad_id, self.cfg.text_epad_id})
+        self.weight_bytes = weight_bytes(bundle.model)  # as held: int8 linears count one byte
         # Benchmarks set `profile` to time the stages (it synchronises the device between them).
         self.profile = False
+        # Prefilled persona prompts, reused by the next conversation with the same persona.
+        self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.last_timings: dict[str, float] = {}
 
     def describe(self) -> dict:
         """What this engine runs on, for /api/stats and logs."""
         from duplex_agent.kernels.dispatch import kernel_backend, use_triton
-        probe = self.lm.model.text_linear.weight
-        return {"checkpoint": self.bundle.name, "device": str(self.device),
-                "dtype": str(probe.dtype).removeprefix("torch."),
+        probe = self.lm.model.out_norm.alpha
+        dtype = str(probe.dtype).removeprefix("torch.")
+        return {"checkpoint": self.bundle.name, "device": str(self.device), "dtype": dtype,
+                "weights": "int8" if self.cfg.quantize else dtype,
+                "weight_bytes": self.weight_bytes,
                 "kv_cache": str(self.lm.model.caches[0].k.dtype).removeprefix("torch."),
                 "kernels": "triton" if use_triton(probe) else "torch",
                 "kernels_setting": kernel_backend(), "cuda_graphs": self.lm.cuda_graph}
@@ -144,16 +204,17 @@ class Engine:
     def active(self) -> list[int]:
         return [i for i, s in enumerate(self.slots) if s is not None]
 
-    def open(self, sampling: SamplingConfig | None = None) -> int:
-        """Claim a free slot for a new conversation. Its state is reset at the start of the next
-        tick, on the thread that runs ticks, so this is safe to call while a tick runs."""
+    def open(self, sampling: SamplingConfig | None = None, prompt: Prompt | None = None) -> int:
+        """Claim a free slot for a new conversation, starting from a persona's `prompt` if given
+        (see agent/persona.py). Its state is reset (and the prompt prefilled) at the start of the
+        next tick, on the thread that runs ticks, so this is safe to call while a tick runs."""
         sampling = (sampling or self.bundle.sampling).validated()  # errors on the caller's thread
         with self._lock:
             free = [i for i, s in enumerate(self.slots) if s is None]
             if not free:
                 raise EngineFull(f"all {self.max_sessions} conversation slots are in use")
             row = free[0]
-            self.slots[row] = Slot(sampling)
+            self.slots[row] = Slot(sampling, prompt, text=TextDecoder(self._pieces))
             self._pending_reset.add(row)
         return row
 
@@ -169,8 +230,37 @@ class Engine:
             return
         for row, slot in rows:
             self.lm.reset(row, slot.sampling)
+            if slot.prompt is not None:
+                try:
+                    self._prefill(row, slot.prompt)
+                except Exception as e:  # only this conversation ends (the driver ends it)
+                    log.exception("persona prompt failed in slot %d", row)
+                    slot.error = f"internal error while preparing the persona: {type(e).__name__}"
         self.mimi.reset_streaming(self._row_mask([row for row, _ in rows], self._reset_host,
                                                  self._reset_dev))
+        persona_rows = [(row, slot.prompt) for row, slot in rows if slot.prompt is not None]
+        if persona_rows:
+            # The reference's decoder hears the last prompt frame before the conversation.
+            codes = torch.zeros(self.max_sessions, self.cfg.dep_q, 1, dtype=torch.long,
+                                device=self.device)
+            for row, prompt in persona_rows:
+                codes[row, :, 0] = prompt.last_agent_frame
+            self.mimi.set_exec_mask(self._row_mask([row for row, _ in persona_rows],
+                                                   self._persona_host, self._persona_dev))
+            self.mimi.decode(codes)
+
+    def _prefill(self, row: int, prompt: Prompt) -> None:
+        """Start `row` from a persona's prompt: all its positions in one causal pass through the
+        temporal transformer, or a copy of the KV that pass left for an earlier conversation with
+        the same prompt. Writes only the row's state, in place (a captured step graph stays
+        valid); the other conversations are untouched."""
+        entry = self.prompt_cache.get(prompt.key)
+        if entry is None:
+            entry = prefill(self.lm.model, row, prompt)
+            self.prompt_cache.put(prompt.key, entry)
+        else:
+            self.lm.model.load_prompt_kv(row, entry.k, entry.v)
+        self.lm.finish_prompt(row, entry.h, entry.text_logits, prompt.carry, prompt.length)
 
     # -- one tick --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -183,6 +273,7 @@ class Engine:
             # A conversation may close while its frame is on the way here, and its row may even be
             # reopened by someone else: that frame is skipped (and left out of the results).
             slots = {row: self.slots[row] for row in frames if self.slots[row] is not None
+                     and self.slots[row].error is None
                      and (owners is None or owners.get(row) is self.slots[row])}
         frames = {row: frames[row] for row in slots}
         if not frames:
@@ -190,7 +281,7 @@ class Engine:
         rows = list(frames)
         # Which rows run, and which are past the model's delays (their first frame returns no
         # audio), is known here on the host: no device round trip until the results are read.
-        ready_rows = [row for row in rows if slots[row].steps >= self.cfg.max_delay]
+        ready_rows = [row for row in rows if slots[row].offset >= self.cfg.max_delay]
         exec_mask = self._row_mask(rows, self._exec_host, self._exec_dev)
         self._pcm_host.zero_()
         for row, pcm in frames.items():
@@ -220,7 +311,7 @@ class Engine:
             text_id = int(out[row, 0])
             results[row] = FrameOut(
                 pcm=pcm_out[row].copy() if row in ready_rows else self._silence.copy(),
-                text_id=text_id, text=self.piece(text_id), step=slot.steps)
+                text_id=text_id, text=slot.text.feed(text_id), step=slot.steps)
             slot.steps += 1
         return results
 
@@ -247,10 +338,3 @@ class Engine:
         if self.profile and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
-
-    def piece(self, text_id: int) -> str | None:
-        """Printable text of a token: None for pad, end-of-pad and control pieces such as </s>."""
-        tok = self.bundle.tokenizer
-        if text_id < 0 or text_id in self._no_text or tok.is_control(text_id):
-            return None
-        return tok.id_to_piece(text_id).replace("\u2581", " ")

@@ -74,6 +74,32 @@ class LMGen:
         return seed
 
     @torch.no_grad()
+    def finish_prompt(self, row: int, h: torch.Tensor, text_logits: torch.Tensor,
+                      carry: torch.Tensor, length: int) -> None:
+        """After a prompt of `length` forced positions was prefilled into `row`'s KV cache (call
+        `reset` first): sample what the last of them predicts, the text token and the first agent
+        codebook of column `length` (as the reference's first live step does, with its own counter
+        and seed), take the rest of that column from `carry` [17] (the prompt's delayed streams),
+        and continue the row at offset `length`. `h` [1, dim] and `text_logits` [1, text_card]
+        are the last position's. Writes only the row's state, in place."""
+        B, device = self.offsets.shape[0], self.offsets.device
+        only = torch.zeros(B, dtype=torch.bool, device=device)
+        only[row] = True
+        counter = torch.full((B,), length - 1, dtype=torch.long, device=device)
+        logits = torch.zeros(B, self.cfg.text_card, dtype=text_logits.dtype, device=device)
+        logits[row] = text_logits[0]
+        text = self.text_sampler.sample(logits, counter, stream=0)
+        hidden = torch.zeros(B, h.shape[-1], dtype=h.dtype, device=device)
+        hidden[row] = h[0]
+        audio = self.audio_sampler.sample(self.model.forward_depformer(0, hidden, text, only),
+                                          counter, stream=1)
+        column = carry.to(device).clone()
+        column[0], column[1] = text[row], audio[row]
+        self.cache[row] = UNGENERATED
+        self.cache[row, :, length % self.ring] = column
+        self.offsets[row] = length
+
+    @torch.no_grad()
     def step(self, user_codes: torch.Tensor, exec_mask: torch.Tensor,
              return_logits: bool = False) -> StepOutput:
         """user_codes [B, 8] (rows not executing may hold anything), exec_mask [B] bool."""

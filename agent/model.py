@@ -13,8 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from duplex_agent.agent.config import LMConfig
+from duplex_agent.kernels.attention_ref import prefill_attention_ref
 from duplex_agent.kernels.decode_attention import decode_attention
 from duplex_agent.kernels.embedding import embed_add
+from duplex_agent.kernels.int8_gemm import int8_linear
 from duplex_agent.kernels.rms_norm import rms_norm
 from duplex_agent.kernels.silu_gate import silu_gate
 
@@ -31,13 +33,41 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.alpha, self.eps, add)
 
 
+class Int8Linear(nn.Module):
+    """A bias-free linear with moshi's q8 weights: int8 `weight` [out, in], row-wise quantised,
+    and its float32 absmax per row `weight_scb`; W = weight * weight_scb / 127. The weights stay
+    int8 in memory and are dequantised inside the GEMM."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scb", torch.empty(out_features, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.weight_scb)
+
+
+def linear(in_features: int, out_features: int, quantize: bool = False) -> nn.Module:
+    return (Int8Linear(in_features, out_features) if quantize
+            else nn.Linear(in_features, out_features, bias=False))
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+            rows: slice) -> torch.Tensor:
+    """x @ weight[rows].T, where `weight` stacks several matrices along dim 0 (one per depformer
+    step, or q/k/v); int8 weights (`scale` given) go through the int8 GEMM."""
+    if scale is None:
+        return F.linear(x, weight[rows])
+    return int8_linear(x, weight[rows], scale[rows])
+
+
 class GatedFFN(nn.Module):
     """SiLU-gated FFN: the first `hidden` rows of linear_in are the gate, the rest the up side."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, quantize: bool = False):
         super().__init__()
-        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
-        self.linear_out = nn.Linear(hidden, dim, bias=False)
+        self.linear_in = linear(dim, 2 * hidden, quantize)
+        self.linear_out = linear(hidden, dim, quantize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_out(silu_gate(self.linear_in(x)))
@@ -57,35 +87,57 @@ class Attention(nn.Module):
     """Multi-head self-attention with fused [q; k; v] projection; `steps` > 1 stacks one weight set
     per depformer step along dim 0, exactly as on disk."""
 
-    def __init__(self, dim: int, heads: int, steps: int = 1):
+    def __init__(self, dim: int, heads: int, steps: int = 1, quantize: bool = False):
         super().__init__()
         self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(steps * 3 * dim, dim))
-        self.out_proj = nn.Linear(dim, steps * dim, bias=False)
+        if quantize:  # q8: the fused weight and its per-row scales (`in_proj_weight_scb` on disk)
+            self.register_buffer("in_proj_weight", torch.empty(steps * 3 * dim, dim, dtype=torch.int8))
+            self.register_buffer("in_proj_weight_scb", torch.empty(steps * 3 * dim))
+        else:
+            self.in_proj_weight = nn.Parameter(torch.empty(steps * 3 * dim, dim))
+            self.register_buffer("in_proj_weight_scb", None)
+        self.out_proj = linear(dim, steps * dim, quantize)
 
     def forward(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor,
                 exec_mask: torch.Tensor, max_period: float | None, step: int = 0) -> torch.Tensor:
         B, d = x.shape
-        w_in = self.in_proj_weight[step * 3 * d:(step + 1) * 3 * d]
-        w_out = self.out_proj.weight[step * d:(step + 1) * d]
-        q, k, v = F.linear(x, w_in).view(B, 3, self.heads, d // self.heads).unbind(1)
+        qkv = project(x, self.in_proj_weight, self.in_proj_weight_scb,
+                      slice(step * 3 * d, (step + 1) * 3 * d))
+        q, k, v = qkv.view(B, 3, self.heads, d // self.heads).unbind(1)
         out = decode_attention(q, k, v, cache.k, cache.v, positions, exec_mask, max_period)
-        return F.linear(out.reshape(B, d), w_out)
+        return project(out.reshape(B, d), self.out_proj.weight,
+                       getattr(self.out_proj, "weight_scb", None), slice(step * d, (step + 1) * d))
+
+    def prefill(self, x: torch.Tensor, cache: KVCache, row: int, max_period: float) -> torch.Tensor:
+        """Positions 0..T-1 of `row` at once (x [T, dim]): their K/V go into the row's ring."""
+        T, d = x.shape
+        qkv = project(x, self.in_proj_weight, self.in_proj_weight_scb, slice(0, 3 * d))
+        q, k, v = qkv.view(T, 3, self.heads, d // self.heads).unbind(1)
+        out = prefill_attention_ref(q, k, v, cache.k[row], cache.v[row], max_period)
+        return project(out.reshape(T, d), self.out_proj.weight,
+                       getattr(self.out_proj, "weight_scb", None), slice(0, d))
 
 
 class TemporalLayer(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg.dim, cfg.num_heads)
+        self.self_attn = Attention(cfg.dim, cfg.num_heads, quantize=cfg.quantize)
         self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.gating = GatedFFN(cfg.dim, cfg.ffn_hidden)
+        self.gating = GatedFFN(cfg.dim, cfg.ffn_hidden, cfg.quantize)
 
     def forward(self, x, pending, cache, positions, exec_mask, max_period):
         """The layer's input is x + pending; returns (x, pending) likewise: each residual add is
         done by the norm that follows it, in the same kernel."""
         x, h = self.norm1(x, add=pending)
         attn = self.self_attn(h, cache, positions, exec_mask, max_period)
+        x, h = self.norm2(x, add=attn)
+        return x, self.gating(h)
+
+    def prefill(self, x, pending, cache, row: int, max_period):
+        """`forward` for positions 0..T-1 of one row at once (x, pending [T, dim])."""
+        x, h = self.norm1(x, add=pending)
+        attn = self.self_attn.prefill(h, cache, row, max_period)
         x, h = self.norm2(x, add=attn)
         return x, self.gating(h)
 
@@ -96,10 +148,11 @@ class DepformerLayer(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.norm1 = RMSNorm(cfg.depformer_dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg.depformer_dim, cfg.depformer_num_heads, steps=cfg.dep_q)
+        self.self_attn = Attention(cfg.depformer_dim, cfg.depformer_num_heads, steps=cfg.dep_q,
+                                   quantize=cfg.quantize)
         self.norm2 = RMSNorm(cfg.depformer_dim, cfg.norm_eps)
-        self.gating = nn.ModuleList(GatedFFN(cfg.depformer_dim, cfg.depformer_ffn_hidden)
-                                    for _ in range(cfg.dep_q))
+        self.gating = nn.ModuleList(GatedFFN(cfg.depformer_dim, cfg.depformer_ffn_hidden,
+                                             cfg.quantize) for _ in range(cfg.dep_q))
 
     def forward(self, x, pending, cache, positions, exec_mask, step: int):
         """Input x + pending, output (x, pending), as in TemporalLayer. No positional embedding:
@@ -124,14 +177,14 @@ class MoshiLM(nn.Module):
         self.text_emb = nn.Embedding(cfg.text_card + 1, cfg.dim)
         self.transformer = Transformer([TemporalLayer(cfg) for _ in range(cfg.num_layers)])
         self.out_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
-        self.depformer_in = nn.ModuleList(nn.Linear(cfg.dim, cfg.depformer_dim, bias=False)
+        self.text_linear = linear(cfg.dim, cfg.text_card, cfg.quantize)
+        self.depformer_in = nn.ModuleList(linear(cfg.dim, cfg.depformer_dim, cfg.quantize)
                                           for _ in range(cfg.dep_q))
         self.depformer_text_emb = nn.Embedding(cfg.text_card + 1, cfg.depformer_dim)
         self.depformer_emb = nn.ModuleList(nn.Embedding(cfg.card + 1, cfg.depformer_dim)
                                            for _ in range(cfg.dep_q - 1))
         self.depformer = Transformer([DepformerLayer(cfg) for _ in range(cfg.depformer_num_layers)])
-        self.linears = nn.ModuleList(nn.Linear(cfg.depformer_dim, cfg.card, bias=False)
+        self.linears = nn.ModuleList(linear(cfg.depformer_dim, cfg.card, cfg.quantize)
                                      for _ in range(cfg.dep_q))
         self.caches: nn.ModuleList | None = None
         self.dep_caches: nn.ModuleList | None = None
@@ -142,7 +195,7 @@ class MoshiLM(nn.Module):
         """Allocate the static KV caches for `batch` rows (slots). The temporal caches are in
         `kv_dtype` (default: the weights' dtype; float8_e4m3fn halves them); the depformer's
         8-step caches always in the weights' dtype."""
-        cfg, p = self.cfg, self.text_linear.weight
+        cfg, p = self.cfg, self.out_norm.alpha  # the compute dtype, also with int8 weights
         self.caches = nn.ModuleList(
             KVCache(batch, cfg.num_heads, cfg.context, cfg.head_dim, kv_dtype or p.dtype, p.device)
             for _ in range(cfg.num_layers))
@@ -168,6 +221,49 @@ class MoshiLM(nn.Module):
             x, pending = layer(x, pending, cache, positions, exec_mask, self.cfg.max_period)
         _, h = self.out_norm(x, add=pending)
         return h, self.text_linear(h)
+
+    # -- a prompt, all positions at once ------------------------------------------------------
+    def embed_columns(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Input embeddings [T, dim] of T token columns [T, 17], summed as `forward_temporal`
+        sums them (audio streams in order, text last)."""
+        x = None
+        for i, table in enumerate(self.emb):
+            x = embed_add(table.weight, tokens[:, 1 + i], x)
+        return embed_add(self.text_emb.weight, tokens[:, 0], x)
+
+    def forward_prefill(self, x: torch.Tensor, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions 0..T-1 of `row` as one causal pass: x [T, dim] are their input embeddings
+        (T <= context). Their K/V are written into the row's ring, as T steps would write them;
+        no other row is touched. Returns the last position's normalised hidden state [1, dim]
+        and text logits [1, text_card]. The depformer is not run: a prompt's tokens are forced."""
+        assert self.caches is not None, "call setup_caches() first"
+        pending = torch.zeros_like(x)
+        for layer, cache in zip(self.transformer.layers, self.caches):
+            x, pending = layer.prefill(x, pending, cache, row, self.cfg.max_period)
+        _, h = self.out_norm(x[-1:], add=pending[-1:])
+        return h, self.text_linear(h)
+
+    def prompt_kv(self, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host copies of the K and V of positions 0..length-1 of `row`, [layers, H, length, D]
+        each, layer by layer (no device memory needed); pinned from a GPU, so that restoring them
+        (`load_prompt_kv`) is one asynchronous copy."""
+        assert self.caches is not None
+        ring = self.caches[0].k
+        pinned = ring.device.type == "cuda"
+        shape = (len(self.caches), ring.shape[1], length, ring.shape[3])
+        k, v = (torch.empty(shape, dtype=ring.dtype, pin_memory=pinned) for _ in range(2))
+        for i, c in enumerate(self.caches):
+            k[i].copy_(c.k[row, :, :length], non_blocking=pinned)
+            v[i].copy_(c.v[row, :, :length], non_blocking=pinned)
+        return k, v
+
+    def load_prompt_kv(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write K/V saved by `prompt_kv` back as positions 0..length-1 of `row`, in place."""
+        assert self.caches is not None
+        length = k.shape[2]
+        for i, c in enumerate(self.caches):
+            c.k[row, :, :length].copy_(k[i], non_blocking=k.is_pinned())
+            c.v[row, :, :length].copy_(v[i], non_blocking=v.is_pinned())
 
     def forward_depformer(self, step: int, h: torch.Tensor, prev_token: torch.Tensor,
                           exec_mask: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import numpy as np
 
 from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, SamplingConfig
 from duplex_agent.agent.engine import Engine
+from duplex_agent.agent.persona import Prompt
 from duplex_agent.streams.audio_file import write_wav
 
 
@@ -34,14 +35,15 @@ class Transcript:
 
 
 def converse(engine: Engine, pcm: np.ndarray, sampling: SamplingConfig | None = None,
-             on_piece=None) -> tuple[np.ndarray, Transcript]:
-    """Run one conversation over `pcm` (mono float32, 24 kHz). Returns the agent's audio, the same
-    length as the input, and its transcript."""
+             on_piece=None, prompt: Prompt | None = None) -> tuple[np.ndarray, Transcript]:
+    """Run one conversation over `pcm` (mono float32, 24 kHz), starting from a persona's `prompt`
+    if given (agent/persona.py). Returns the agent's audio, the same length as the input, and its
+    transcript."""
     n = len(pcm)
     frames = -(-n // FRAME_SIZE)
     padded = np.zeros(frames * FRAME_SIZE, dtype=np.float32)
     padded[:n] = pcm
-    row = engine.open(sampling)
+    row = engine.open(sampling, prompt)
     out = np.zeros_like(padded)
     transcript = Transcript()
     try:
@@ -59,10 +61,11 @@ def converse(engine: Engine, pcm: np.ndarray, sampling: SamplingConfig | None = 
 
 def run_file(engine: Engine, pcm: np.ndarray, out_path: str | Path,
              transcript_path: str | Path | None = None, sampling: SamplingConfig | None = None,
-             on_piece=None) -> Transcript:
+             on_piece=None, prompt: Prompt | None = None) -> Transcript:
     """Answer `pcm` (mono float32, 24 kHz, e.g. from `read_mono`) and write the results."""
-    audio, transcript = converse(engine, pcm, sampling, on_piece)
+    audio, transcript = converse(engine, pcm, sampling, on_piece, prompt)
     write_wav(out_path, audio, SAMPLE_RATE)
     if transcript_path is not None:
-        Path(transcript_path).write_text(json.dumps(transcript.to_json(), indent=1) + "\n")
+        Path(transcript_path).write_text(  # UTF-8 as is: a Japanese transcript stays readable
+            json.dumps(transcript.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return transcript

@@ -18,6 +18,8 @@ import torch
 
 from duplex_agent.agent.config import LMConfig, SamplingConfig
 from duplex_agent.agent.model import MoshiLM
+from duplex_agent.checkpoints import personaplex
+from duplex_agent.checkpoints.personaplex import Personas
 from duplex_agent.checkpoints.registry import DEFAULT_CHECKPOINT, KNOWN, lookup
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,21 @@ class AgentBundle:
     tokenizer: object  # sentencepiece.SentencePieceProcessor
     sampling: SamplingConfig  # the checkpoint's default sampling (lm_gen_config)
     builtin: bool = False  # True for tiny-random: random weights, speaks noise
+    personas: Personas | None = None  # voices of a persona-trained checkpoint (PersonaPlex)
+
+
+@dataclass(frozen=True)
+class WeightOptions:
+    """How the LM weights are changed at load: `quantize="int8"` keeps the linears int8 (moshi's
+    q8 layout), `lora` fuses a LoRA adapter file into the weights."""
+    quantize: str | None = None
+    lora: str | Path | None = None
+    lora_rank: int | None = None  # from the checkpoint's config.json, checked against the adapter
+    lora_scaling: float | None = None
+
+    def __post_init__(self):
+        if self.quantize not in (None, "int8"):
+            raise CheckpointError(f"--quantize {self.quantize}: only int8 is supported.")
 
 
 def default_device() -> torch.device:
@@ -49,7 +66,22 @@ def default_device() -> torch.device:
 
 
 def load_checkpoint(spec: str = DEFAULT_CHECKPOINT, device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> AgentBundle:
+                    dtype: torch.dtype | None = None, *,
+                    voice_prompt_dir: str | Path | None = None, quantize: str | None = None,
+                    lora: str | Path | None = None) -> AgentBundle:
+    """`voice_prompt_dir`: a folder of voices (`.pt` presets, recordings) that replaces a
+    persona checkpoint's own (`voices/` or `voices.tgz`). `quantize="int8"`: int8 linear weights
+    made at load (a q8 checkpoint is int8 already). `lora`: a LoRA adapter (moshi-finetune's
+    `lora.safetensors`) fused into the weights."""
+    bundle = _load_checkpoint(spec, device, dtype, voice_prompt_dir, WeightOptions(quantize, lora))
+    bundle.config = bundle.model.cfg  # quantised at load: the model's config says so
+    if voice_prompt_dir is not None and bundle.personas is None:
+        raise CheckpointError(f"--voice-prompt-dir: {bundle.name} has no persona training "
+                              "(voice prompts need a PersonaPlex checkpoint).")
+    return bundle
+
+
+def _load_checkpoint(spec, device, dtype, voice_prompt_dir, weights) -> AgentBundle:
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("--device cuda was asked for, but no CUDA GPU is available here; "
@@ -57,35 +89,44 @@ def load_checkpoint(spec: str = DEFAULT_CHECKPOINT, device: str | torch.device |
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     known = lookup(spec)
     if known is not None and known.layout == "builtin":
-        return _load_tiny_random(device)
+        return _load_tiny_random(device, known.name, voice_prompt_dir, weights)
     path = Path(spec).expanduser()
     if path.is_dir():  # a local directory wins over a known name
-        return _load_directory(spec, path, device, dtype)
+        return _load_directory(spec, path, device, dtype, voice_prompt_dir, weights)
     if known is not None:
-        return _load_from_hub(known.repo, device, dtype)
+        return _load_from_hub(known.repo, device, dtype, voice_prompt_dir, weights)
     if path.exists():
         raise CheckpointError(f"--checkpoint {spec}: is a file; give the directory that holds the "
                               "checkpoint files, a Hugging Face repo id, or tiny-random.")
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise CheckpointError(f"--checkpoint {spec}: no such directory, and not a Hugging Face repo "
                               f"id (owner/name) or a known name ({', '.join(KNOWN)}).")
-    return _load_from_hub(spec, device, dtype)
+    return _load_from_hub(spec, device, dtype, voice_prompt_dir, weights)
 
 
 # -- sources ---------------------------------------------------------------------------------------
 
-def _load_tiny_random(device: torch.device) -> AgentBundle:
+def _load_tiny_random(device: torch.device, name: str = "tiny-random",
+                      voice_prompt_dir=None, weights: WeightOptions = WeightOptions()) -> AgentBundle:
     from duplex_agent.checkpoints import tiny_random
     cfg = LMConfig.tiny()
-    model = _build_lm(cfg, tiny_random.build_tiny_lm_state(), device, torch.float32)
+    persona = KNOWN[name].personas
+    if persona:  # PersonaPlex's layout: 16 depformer steps on disk, sliced like the real one
+        state, cfg = personaplex.agent_steps_only(tiny_random.build_tiny_personaplex_lm_state(), cfg)
+    else:
+        state = tiny_random.build_tiny_lm_state()
+    model = _build_lm(cfg, state, device, torch.float32, name, weights)
     mimi = tiny_random.build_tiny_mimi().to(device)
-    log.warning("Using the built-in tiny-random checkpoint: random weights for smoke runs and "
+    personas = (_personas(name, cfg, mimi, voice_prompt_dir, tiny_random.tiny_voices_dir)
+                if persona else None)
+    log.warning(f"Using the built-in {name} checkpoint: random weights for smoke runs and "
                 "tests; it produces noise, not speech.")
-    return AgentBundle("tiny-random", cfg, model, mimi, tiny_random.build_tiny_tokenizer(),
-                       SamplingConfig(), builtin=True)
+    return AgentBundle(name, cfg, model, mimi, tiny_random.build_tiny_tokenizer(),
+                       SamplingConfig(), builtin=True, personas=personas)
 
 
-def _load_directory(name: str, root: Path, device, dtype) -> AgentBundle:
+def _load_directory(name: str, root: Path, device, dtype, voice_prompt_dir=None,
+                    weights: WeightOptions = WeightOptions()) -> AgentBundle:
     def local(filename: str, required: bool = True) -> Path | None:
         if filename.startswith("file://"):
             filename = filename.removeprefix("file://")
@@ -97,7 +138,7 @@ def _load_directory(name: str, root: Path, device, dtype) -> AgentBundle:
         if required:
             raise CheckpointError(f"--checkpoint {name}: {p} is missing.")
         return None
-    return _load_layout(name, local, root, device, dtype)
+    return _load_layout(name, local, root, device, dtype, voice_prompt_dir, weights)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -112,14 +153,15 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_from_hub(repo: str, device, dtype) -> AgentBundle:
+def _load_from_hub(repo: str, device, dtype, voice_prompt_dir=None,
+                   weights: WeightOptions = WeightOptions()) -> AgentBundle:
     known = lookup(repo)
     cache_only = not _hub_reachable()
     if known is not None and known.layout == "hf":
         root = _hub_call(repo, lambda hub: hub.snapshot_download(
             repo, allow_patterns=["*.json", "*.safetensors", "*.model"],
             local_files_only=cache_only))
-        return _load_directory(repo, Path(root), device, dtype)
+        return _load_directory(repo, Path(root), device, dtype, voice_prompt_dir, weights)
 
     def fetch(filename: str, required: bool = True) -> Path | None:
         if filename.startswith("hf://"):
@@ -139,7 +181,7 @@ def _load_from_hub(repo: str, device, dtype) -> AgentBundle:
                 return None
         got = _hub_call(repo, download)
         return Path(got) if got else None
-    return _load_layout(repo, fetch, None, device, dtype)
+    return _load_layout(repo, fetch, None, device, dtype, voice_prompt_dir, weights)
 
 
 def _hub_file_spec(spec: str, cache_only: bool | None = None) -> Path:
@@ -184,18 +226,16 @@ def offline_message(repo: str, reason: str) -> str:
 # -- layouts ---------------------------------------------------------------------------------------
 
 def _load_layout(name: str, get: Callable[..., Path | None], root: Path | None, device,
-                 dtype) -> AgentBundle:
+                 dtype, voice_prompt_dir=None, weights: WeightOptions = WeightOptions()) -> AgentBundle:
     config_path = get("config.json", required=False)
-    raw = json.loads(config_path.read_text()) if config_path else None
+    text = config_path.read_text().strip() if config_path else ""
+    raw = json.loads(text) if text else None  # PersonaPlex ships an empty config.json
     if raw is not None and _is_hf_transformers_config(raw):
         if root is None:
             raise CheckpointError(f"{name}: transformers-format repos must be given as a directory")
-        return _load_hf_layout(name, root, raw, device, dtype)
+        return _load_hf_layout(name, root, raw, device, dtype, weights)
     raw = dict(raw or {})
-    if raw.pop("quantize", False):
-        raise CheckpointError(f"{name}: int8-quantised checkpoints are not supported; use a bf16 one.")
-    if raw.pop("lora_name", None):
-        raise CheckpointError(f"{name}: LoRA checkpoints are not supported yet.")
+    weights = _lora_from_config(name, raw, get, weights)
     model_type = raw.pop("model_type", "moshi")
     if model_type != "moshi":
         raise CheckpointError(f"{name}: model_type {model_type!r} is not a Moshi dialogue model.")
@@ -211,13 +251,46 @@ def _load_layout(name: str, get: Callable[..., Path | None], root: Path | None, 
         raise CheckpointError(f"{name}: {e}") from e
 
     from safetensors.torch import load_file
-    state = load_file(str(lm_file), device=str(device))
-    model = _build_lm(cfg, state, device, dtype, name)
+    # Quantised at load: read on the host, each weight goes to the device once, as int8.
+    on_host = weights.quantize is not None and not cfg.quantize
+    state = load_file(str(lm_file), device="cpu" if on_host else str(device))
+    known = lookup(name)
+    persona = known is not None and known.personas
+    if personaplex.is_personaplex_layout(state, cfg):  # 16 depformer steps; serve the agent's 8
+        state, cfg = personaplex.agent_steps_only(state, cfg)
+        persona = True
+    model = _build_lm(cfg, state, device, dtype, name, weights)
     from moshi.models import loaders
     mimi = loaders.get_mimi(str(mimi_file), mimi_config, device=device,
-                            num_codebooks=max(cfg.dep_q, cfg.num_user_codebooks))
-    return AgentBundle(name, cfg, model, mimi.eval(), _load_tokenizer(tokenizer_file, cfg, name),
-                       sampling)
+                            num_codebooks=max(cfg.dep_q, cfg.num_user_codebooks)).eval()
+    personas = (_personas(name, cfg, mimi, voice_prompt_dir,
+                          lambda: personaplex.checkpoint_voices(root, get)) if persona else None)
+    return AgentBundle(name, cfg, model, mimi, _load_tokenizer(tokenizer_file, cfg, name),
+                       sampling, personas=personas)
+
+
+def _personas(name: str, cfg: LMConfig, mimi, voice_prompt_dir,
+              own_voices: Callable[[], Path | None]) -> Personas:
+    """A persona checkpoint's voices: `voice_prompt_dir` if given (the checkpoint's own are then
+    not fetched), else the folder `own_voices()` finds."""
+    if voice_prompt_dir is not None:
+        folder = Path(voice_prompt_dir).expanduser()
+        if not folder.is_dir():
+            raise CheckpointError(f"--voice-prompt-dir {voice_prompt_dir}: no such directory.")
+    else:
+        try:
+            folder = own_voices()
+        except personaplex.PersonaError as e:
+            raise CheckpointError(f"{name}: {e}") from e
+    if folder is None:
+        return Personas(cfg, mimi, None, f"the checkpoint has no {personaplex.VOICES_DIR}/ or "
+                        f"{personaplex.VOICES_ARCHIVE}; give --voice-prompt-dir")
+    personas = Personas(cfg, mimi, folder)
+    # Read (and encode) every voice now, not on a conversation's first request; a bad file is
+    # reported here and refused when asked for, the others serve.
+    for problem in personas.preload().values():
+        log.warning("Unusable %s", problem)
+    return personas
 
 
 def _is_hf_transformers_config(raw: dict) -> bool:
@@ -225,7 +298,8 @@ def _is_hf_transformers_config(raw: dict) -> bool:
         "Moshi" in a for a in raw.get("architectures", []))
 
 
-def _load_hf_layout(name: str, root: Path, raw: dict, device, dtype) -> AgentBundle:
+def _load_hf_layout(name: str, root: Path, raw: dict, device, dtype,
+                    weights: WeightOptions = WeightOptions()) -> AgentBundle:
     from duplex_agent.checkpoints import hf_format
     _, state = hf_format.read_hf_checkpoint(root)
     try:
@@ -233,7 +307,7 @@ def _load_hf_layout(name: str, root: Path, raw: dict, device, dtype) -> AgentBun
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from e
     model = _build_lm(cfg, hf_format.hf_to_kyutai_lm(state, cfg.to_moshi_lm_kwargs()), device,
-                      dtype, name)
+                      dtype, name, weights)
     from moshi.models import loaders
     mimi_cfg = hf_format.hf_mimi_config_to_moshi(hf_format.audio_encoder_config(raw))
     mimi = loaders.get_mimi(None, mimi_cfg, device=device,
@@ -247,7 +321,63 @@ def _load_hf_layout(name: str, root: Path, raw: dict, device, dtype) -> AgentBun
                        SamplingConfig())
 
 
-def _build_lm(cfg: LMConfig, state: dict, device, dtype, name: str = "") -> MoshiLM:
+def _lora_from_config(name: str, raw: dict, get: Callable[..., Path | None],
+                      weights: WeightOptions) -> WeightOptions:
+    """moshi's LoRA keys of config.json (`lora`, `lora_name`, `lora_rank`, `lora_scaling`),
+    popped from `raw`; `--lora` wins over `lora_name`. A config.json beside the adapter (as
+    moshi-finetune writes it) gives the rank and scaling when the checkpoint's does not."""
+    from dataclasses import replace
+    enabled, lora_name = raw.pop("lora", False), raw.pop("lora_name", None)
+    rank, scaling = raw.pop("lora_rank", None), raw.pop("lora_scaling", None)
+    lora = weights.lora or (get(lora_name) if lora_name else None)
+    if lora is None:
+        if enabled:
+            raise CheckpointError(f"{name}: config.json enables LoRA (lora: true) but names no "
+                                  "adapter (lora_name); give --lora PATH (moshi-finetune's "
+                                  "lora.safetensors).")
+        return weights
+    beside = Path(lora).expanduser().parent / "config.json"
+    if (rank is None or scaling is None) and beside.is_file():
+        adapter_cfg = json.loads(beside.read_text() or "{}")
+        rank = rank if rank is not None else adapter_cfg.get("lora_rank")
+        scaling = scaling if scaling is not None else adapter_cfg.get("lora_scaling")
+    return replace(weights, lora=lora, lora_rank=rank, lora_scaling=scaling)
+
+
+def _apply_weight_options(cfg: LMConfig, state: dict, device, name: str,
+                          weights: WeightOptions) -> tuple[LMConfig, dict]:
+    """LoRA fused into the float weights, then --quantize int8; both on the state dict, so the
+    model is built once with its final weights."""
+    from dataclasses import replace
+
+    from duplex_agent.checkpoints import lora, quantize
+    if not cfg.quantize and any(k.endswith(quantize.SCALE_SUFFIX) for k in state):
+        cfg = replace(cfg, quantize=True)  # a q8 file whose config.json does not say so
+    if weights.lora is not None:
+        if cfg.quantize:
+            raise CheckpointError(f"{name}: a LoRA adapter cannot be fused into int8 (q8) weights; "
+                                  "use the bf16 checkpoint (with --quantize int8 if you want int8).")
+        steps = {k: cfg.dep_q for k in state if k.startswith("depformer.layers.") and ".self_attn." in k}
+        scaling = lora.DEFAULT_SCALING if weights.lora_scaling is None else float(weights.lora_scaling)
+        try:
+            state = lora.fuse_lora(state, lora.read_adapter(weights.lora), scaling, steps,
+                                   weights.lora_rank)
+        except lora.AdapterMismatch as e:
+            raise CheckpointError(f"{name}: LoRA adapter {weights.lora}: {e}") from e
+    if weights.quantize == "int8" and not cfg.quantize:
+        cfg = replace(cfg, quantize=True)
+        with torch.device("meta"):
+            names = quantize.int8_weight_names(MoshiLM(cfg))
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise CheckpointError(f"{name}: cannot quantise, weights missing: {missing[:3]}")
+        state = quantize.quantize_state(state, names, device)
+    return cfg, state
+
+
+def _build_lm(cfg: LMConfig, state: dict, device, dtype, name: str = "",
+              weights: WeightOptions = WeightOptions()) -> MoshiLM:
+    cfg, state = _apply_weight_options(cfg, state, device, name, weights)
     with torch.device("meta"):
         model = MoshiLM(cfg)
     expected = set(model.state_dict())
@@ -262,6 +392,9 @@ def _build_lm(cfg: LMConfig, state: dict, device, dtype, name: str = "") -> Mosh
     except RuntimeError as e:
         raise CheckpointError(f"{name}: LM weight shapes do not match the architecture: "
                               f"{str(e).splitlines()[-1].strip()}") from e
+    if cfg.quantize:
+        from duplex_agent.checkpoints.quantize import cast_quantized
+        return cast_quantized(model, device, dtype).eval()
     return model.to(device=device, dtype=dtype).eval()
 
 

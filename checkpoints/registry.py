@@ -10,6 +10,7 @@ class KnownCheckpoint:
     repo: str | None  # Hugging Face repo id; None for built-in checkpoints
     layout: str  # "kyutai" (model.safetensors + Mimi + SentencePiece), "hf" (transformers), "builtin"
     description: str
+    personas: bool = False  # persona-trained (PersonaPlex): voice and text prompts, voices.tgz
 
 
 DEFAULT_CHECKPOINT = "kyutai/moshiko-pytorch-bf16"
@@ -20,12 +21,26 @@ KNOWN = {
                         "Moshi 7.7B, male voice, bf16 (the default)"),
         KnownCheckpoint("moshika", "kyutai/moshika-pytorch-bf16", "kyutai",
                         "Moshi 7.7B, female voice, bf16"),
+        KnownCheckpoint("moshiko-q8", "kyutai/moshiko-pytorch-q8", "kyutai",
+                        "Moshiko with int8 weights (model.q8.safetensors, 8.0 GB instead of "
+                        "15.4 GB)"),
+        KnownCheckpoint("moshika-q8", "kyutai/moshika-pytorch-q8", "kyutai",
+                        "Moshika with int8 weights (model.q8.safetensors, 8.0 GB)"),
+        KnownCheckpoint("j-moshi", "nu-dialogue/j-moshi-ext", "kyutai",
+                        "J-Moshi (Nagoya University): Moshi fine-tuned for Japanese dialogue, "
+                        "Japanese SentencePiece tokenizer; bf16"),
         KnownCheckpoint("hf-moshiko", "kmhf/hf-moshiko", "hf",
                         "Moshiko in Hugging Face transformers format"),
         KnownCheckpoint("hf-moshika", "kmhf/hf-moshika", "hf",
                         "Moshika in Hugging Face transformers format"),
+        KnownCheckpoint("personaplex", "nvidia/personaplex-7b-v1", "kyutai",
+                        "NVIDIA PersonaPlex 7B: Moshi with a persona (voice prompt + text "
+                        "prompt), 18 preset voices; bf16", personas=True),
         KnownCheckpoint("tiny-random", None, "builtin",
                         "seeded random tiny model for smoke runs and tests: it speaks noise"),
+        KnownCheckpoint("tiny-random-personaplex", None, "builtin",
+                        "tiny-random in PersonaPlex's layout with 18 random preset voices: "
+                        "persona smoke runs and tests", personas=True),
     ]
 }
 # Repo ids resolve to their registry entry too, so the layout is known before any download.

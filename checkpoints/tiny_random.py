@@ -25,6 +25,7 @@ import io
 import itertools
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +227,105 @@ def build_tiny_lm_state(seed: int = TINY_SEED) -> dict[str, torch.Tensor]:
     return moshi_to_disk({k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
+# -- tiny-random-personaplex -----------------------------------------------------------------------
+
+def tiny_personaplex_lm_kwargs() -> dict:
+    """moshi `LMModel` kwargs of tiny-random-personaplex: tiny-random's architecture with
+    PersonaPlex's depformer, 16 steps (8 agent + 8 user codebooks) over a context of 8."""
+    return LMConfig.tiny().to_moshi_lm_kwargs() | {"dep_q": 16, "depformer_context": 8}
+
+
+def build_tiny_personaplex_lm_state(seed: int = TINY_SEED) -> dict[str, torch.Tensor]:
+    """Like `build_tiny_lm_state`, with PersonaPlex's 16-step depformer on disk."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = get_moshi_lm(None, lm_kwargs=tiny_personaplex_lm_kwargs(), device="cpu",
+                             dtype=torch.float32)
+    return moshi_to_disk({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def tiny_voice_presets(seed: int = TINY_SEED) -> dict[str, dict[str, torch.Tensor]]:
+    """PersonaPlex-format presets for tiny-random-personaplex under PersonaPlex's 18 names:
+    {"embeddings": [V, 1, 1, dim] float32, "cache": [1, 17, 4] int64}. Each is what the
+    reference's LMGen saves for a voice recording (`save_voice_prompt_embeddings`), computed for
+    5-8 frames of seeded random agent codes: the summed input embeddings of the positions the
+    prompt steps read, and the token ring after the last frame."""
+    from duplex_agent.checkpoints.personaplex import PRESET_NAMES, VoiceEncoder, filler_codes
+    cfg = LMConfig.tiny()
+    state = build_tiny_personaplex_lm_state(seed)
+    _, sine = filler_codes(VoiceEncoder(build_tiny_mimi(seed)), cfg.card)
+    presets = {}
+    for index, name in enumerate(PRESET_NAMES):
+        gen = torch.Generator().manual_seed(seed * 1000 + index)
+        frames = int(torch.randint(5, 9, (), generator=gen))
+        codes = torch.randint(0, cfg.card, (frames, 8), generator=gen)
+        columns, ring = _reference_prompt_columns(cfg, codes, torch.tensor(sine))
+        presets[name] = {"embeddings": _embed_columns(state, columns).view(-1, 1, 1, cfg.dim),
+                         "cache": ring.unsqueeze(0)}
+    return presets
+
+
+def _reference_prompt_columns(cfg: LMConfig, codes: torch.Tensor,
+                              user: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's voice-prompt steps (PersonaPlex LMGen.prepare_step_input, every token
+    forced: text pad, agent `codes[t]`, user `user`) on its ring of max_delay + 3 slots.
+    Returns the 17-stream columns the model reads ([F - 1, 17]: the first step reads nothing)
+    and the ring after the last step ([17, ring])."""
+    size = cfg.max_delay + 3
+    initial = torch.tensor([cfg.text_init_id] + [cfg.audio_init_id] * cfg.n_q)
+    ring = torch.full((cfg.num_codebooks, size), -2, dtype=torch.int64)  # -2: not generated
+    columns = []
+    for t, agent in enumerate(codes):
+        forced = torch.cat([torch.tensor([cfg.text_pad_id]), agent, user])
+        for k, delay in enumerate(cfg.delays):
+            ring[k, (t + delay) % size] = forced[k]
+            if t <= delay:  # positions before a stream's delay hold its initial token
+                ring[k, t % size] = initial[k]
+        if t == 0:
+            ring[:, 0] = initial
+        else:
+            columns.append(ring[:, (t - 1) % size].clone())
+    return torch.stack(columns), ring
+
+
+def _embed_columns(state: dict[str, torch.Tensor], columns: torch.Tensor) -> torch.Tensor:
+    """The temporal transformer's input for each column [N, 17]: the audio streams' embeddings
+    summed in order, then the text embedding (the reference's `embed_codes`), -1 embedding to 0."""
+    def lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return torch.where((ids >= 0)[:, None], table[ids.clamp(min=0)], 0.0)
+    x = None
+    for k in range(columns.shape[1] - 1):
+        emb = lookup(state[f"emb.{k}.weight"], columns[:, 1 + k])
+        x = emb if x is None else x + emb
+    return x + lookup(state["text_emb.weight"], columns[:, 0])
+
+
+TINY_VOICES_VERSION = 1  # bump when tiny_voice_presets changes: the cache folder is keyed by it
+
+
+def tiny_voices_dir(seed: int = TINY_SEED) -> Path:
+    """tiny-random-personaplex's voice folder in the cache (see personaplex.cache_root), written
+    on first use."""
+    from duplex_agent.checkpoints.personaplex import PRESET_NAMES, cache_root
+    folder = f"voices-v{TINY_VOICES_VERSION}-seed{seed}"
+    directory = cache_root() / "tiny-random-personaplex" / folder
+    if not all((directory / name).is_file() for name in PRESET_NAMES):
+        write_tiny_voices(directory, seed)
+    return directory
+
+
+def write_tiny_voices(directory: str | Path, seed: int = TINY_SEED) -> Path:
+    """Write `tiny_voice_presets(seed)` as `.pt` files into `directory` (each atomically, so
+    concurrent writers are harmless). Returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, preset in tiny_voice_presets(seed).items():
+        partial = directory / f".{name}.{os.getpid()}.partial"
+        torch.save(preset, partial)
+        os.replace(partial, directory / name)
+    return directory
+
+
 # -- text tokenizer --------------------------------------------------------------------------------
 
 _HANDWRITTEN = """\
@@ -341,4 +441,5 @@ def write_checkpoint_dir(path: str | Path, seed: int = TINY_SEED) -> Path:
 
 __all__ = ["TINY_SEED", "tiny_mimi_config", "synthetic_audio", "build_tiny_mimi", "tiny_mimi_state",
            "build_tiny_lm_state", "tiny_tokenizer_bytes", "build_tiny_tokenizer",
-           "write_checkpoint_dir"]
+           "write_checkpoint_dir", "tiny_personaplex_lm_kwargs", "build_tiny_personaplex_lm_state",
+           "tiny_voice_presets", "tiny_voices_dir", "write_tiny_voices"]

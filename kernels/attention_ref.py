@@ -80,3 +80,25 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache,
                                          attn_mask=valid.view(B, 1, 1, C))
     return out.squeeze(2)
+
+
+def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          k_ring: torch.Tensor, v_ring: torch.Tensor,
+                          max_period: float | None = 10_000.0) -> torch.Tensor:
+    """Positions 0..T-1 of one row at once, causally (a prompt prefill). q, k, v [T, H, D] before
+    RoPE; k_ring, v_ring [H, C, D] are that row's ring buffers, T <= C. K/V land in slots 0..T-1
+    rounded exactly as T decode steps would write them (float8: saturated), and attention reads
+    them back from the ring, as the decode steps that follow will. Returns [T, H, D]."""
+    T, _, D = q.shape
+    if max_period is not None:
+        cos, sin = rope_cos_sin(_arange(T, q.device), D, max_period)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    for ring, new in ((k_ring, k), (v_ring, v)):
+        if ring.dtype == torch.float8_e4m3fn:
+            new = new.float().clamp(-FP8_MAX, FP8_MAX)
+        ring[:, :T] = new.transpose(0, 1).to(ring.dtype)
+    keys, values = k_ring[:, :T].to(q.dtype), v_ring[:, :T].to(q.dtype)
+    # 4-D, so that a GPU picks a fused (flash) kernel instead of materialising T x T scores.
+    out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0),
+                                         values.unsqueeze(0), is_causal=True)
+    return out[0].transpose(0, 1)

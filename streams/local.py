@@ -2,6 +2,7 @@
 
     python run_agent.py local [--checkpoint C] [--input-device ID] [--output-device ID]
                               [--headphones] [--duration S] [--record DIR] [--list-devices]
+                              [--voice-prompt VOICE] [--text-prompt TEXT]
 
 Audio path (threads in brackets):
 
@@ -35,8 +36,12 @@ STATUS_EVERY_S = 10.0
 def register(subparsers, add_checkpoint_args, add_sampling_args) -> None:
     p = subparsers.add_parser("local", help="live conversation with this machine's microphone "
                                             "and speakers")
+    from duplex_agent.agent.cli import add_persona_args
+    from duplex_agent.streams.server import add_threads_arg
     add_checkpoint_args(p)
+    add_persona_args(p)
     add_sampling_args(p)
+    add_threads_arg(p)
     p.add_argument("--input-device", type=_device_id, default=None, metavar="ID",
                    help="microphone: index or part of the name (see --list-devices); "
                         "default: the system default")
@@ -91,13 +96,18 @@ def _run_local(args) -> int:
             raise UserError(f"--record {record}: cannot create the folder ({e.strerror})") from None
 
     from duplex_agent.agent.api import Agent
-    from duplex_agent.agent.cli import sampling_from_args
+    from duplex_agent.agent.cli import sampling_from_args, voice_prompt_from_args, weight_options
+    from duplex_agent.streams.server import set_torch_threads
+    set_torch_threads(args.threads)
     agent = Agent.load(args.checkpoint, args.device, max_conversations=1,
-                       kv_cache=args.kv_cache)
+                       kv_cache=args.kv_cache, voice_prompt_dir=args.voice_prompt_dir,
+                       **weight_options(args))
     try:
         sampling = sampling_from_args(args, agent.sampling_defaults)
+        persona = {"voice_prompt": voice_prompt_from_args(args, agent.engine.bundle),
+                   "text_prompt": args.text_prompt}
         session = LocalSession(agent, sampling, mic, speaker, echo_cancel=not args.headphones,
-                               record=record)
+                               record=record, persona=persona)
         return asyncio.run(session.run(args.duration))
     finally:
         agent.close()
@@ -213,8 +223,9 @@ class _Transcript:
 
 class LocalSession:
     def __init__(self, agent, sampling, mic: dict, speaker: dict, echo_cancel: bool = True,
-                 record: Path | None = None):
+                 record: Path | None = None, persona: dict | None = None):
         self.agent, self.sampling = agent, sampling
+        self.persona = persona or {}  # Agent.open's voice_prompt and text_prompt
         self.mic, self.speaker = mic, speaker
         self.in_rate = int(mic["default_samplerate"])
         self.out_rate = int(speaker["default_samplerate"])
@@ -329,7 +340,7 @@ class LocalSession:
             loop.remove_signal_handler(signal.SIGINT)  # a second Ctrl+C interrupts for real
         loop.add_signal_handler(signal.SIGINT, on_signal)
 
-        conv = self.agent.open(self.sampling)
+        conv = self.agent.open(self.sampling, **self.persona)
         turns = TurnTaking()
         wavs = None
         if self.record:
@@ -366,6 +377,9 @@ class LocalSession:
                 f"local: microphone '{self.mic['name']}' {self.in_rate} Hz, speakers "
                 f"'{self.speaker['name']}' {self.out_rate} Hz, echo cancellation "
                 f"{'on' if self.echo_cancel else 'off (--headphones)'}; Ctrl+C to stop")
+            if conv.voice_prompt or conv.text_prompt:
+                self.transcript.message(f"persona: voice {conv.voice_prompt or '-'}, role "
+                                        f"{conv.text_prompt!r}")
             await self._wait(stop, duration, conv)
         finally:
             loop.remove_signal_handler(signal.SIGINT)

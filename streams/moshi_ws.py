@@ -17,7 +17,12 @@ reason. Authentication and Origin checks happen before the upgrade (streams/secu
 
 Sampling comes from the URL query the moshi web client sends: `text_temperature`, `text_topk`,
 `audio_temperature`, `audio_topk`, and `audio_seed` (else `text_seed`), since the engine keeps
-one random stream per conversation. Other parameters are ignored.
+one random stream per conversation. A persona comes from PersonaPlex's parameters, so its web
+client works unchanged: `voice_prompt`, a name from GET /api/voices (never a path), and
+`text_prompt`, the role (URL-decoded); that client always sends both, and an empty value means
+none. An unknown voice, a prompt too long for the context window, or a persona asked of a
+checkpoint without persona training gets a 0x05 error (an unknown voice's lists the available
+ones). Other parameters are ignored.
 
 Opus decoding and encoding run on the event loop (about 0.2 ms per 80 ms frame); all model work
 stays on the engine thread. Output frames are sent as soon as they are produced, unpaced.
@@ -35,6 +40,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from duplex_agent.agent.api import AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut
 from duplex_agent.agent.config import SAMPLE_RATE, sampling_from_params
+from duplex_agent.checkpoints.personaplex import PersonaError
 from duplex_agent.streams.security import ConversationTracker, Policy
 
 log = logging.getLogger(__name__)
@@ -53,7 +59,7 @@ class ChatCounters:
     connections: int = 0
     refused_full: int = 0
     refused_per_client: int = 0
-    bad_requests: int = 0  # invalid query parameters
+    bad_requests: int = 0  # invalid query parameters, personas the agent cannot serve
     bad_audio: int = 0  # 0x01 payloads that are not Ogg/Opus
     too_big: int = 0  # messages over the size limit
     protocol_errors: int = 0  # broken websocket frames
@@ -99,11 +105,15 @@ class MoshiChat:
             return await _fail(ws, f"too many conversations from {client}: at most {limit} "
                                    "per client")
         try:
-            conv = self.agent.open(sampling)
+            conv = self.agent.open(sampling, voice_prompt=request.query.get("voice_prompt") or None,
+                                   text_prompt=request.query.get("text_prompt") or None)
         except AgentFull:
             self._count("refused_full", refused="full")
             return await _fail(ws, f"server full: all {self.agent.max_conversations} conversations "
                                    "are in use, try again later")
+        except PersonaError as e:
+            self._count("bad_requests", refused="bad_input")
+            return await _fail(ws, str(e))
         self.tracker.claim(conv, client, "websocket")
         self._sockets.add(ws)
         sender, reason, error = None, None, None

@@ -11,7 +11,9 @@ Per connection (`PeerSession`):
   {"type": "text", "text", "start", "end"}, {"type": "stats", ...} every 0.5 s, {"type": "error", "message"}.
 
 Optional sampling fields in the offer: text_temperature, text_topk, audio_temperature, audio_topk,
-seed. Malformed offers get HTTP 400 JSON, a full agent HTTP 503 JSON.
+seed; and a persona: voice_prompt (a name from GET /api/voices) and text_prompt (the role), strings.
+Malformed offers and personas the agent cannot serve get HTTP 400 JSON (an unknown voice's lists
+the available ones, also as "voices"), a full agent HTTP 503 JSON.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from av import AudioFrame
 
 from duplex_agent.agent.api import AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut, percentile
 from duplex_agent.agent.config import SAMPLE_RATE, sampling_from_params
+from duplex_agent.checkpoints.personaplex import PersonaError
 from duplex_agent.streams.security import refusal
 
 log = logging.getLogger(__name__)
@@ -292,8 +295,16 @@ def setup_routes(app: web.Application, agent) -> None:
         except ValueError as e:
             return _bad_request(str(e))
 
+        persona = {}
+        for name in ("voice_prompt", "text_prompt"):
+            value = params.get(name)
+            if value is not None and not isinstance(value, str):
+                return _bad_request(f"\"{name}\" must be a string, got {value!r:.80}")
+            persona[name] = value or None
         try:
-            conv = agent.open(sampling)
+            conv = agent.open(sampling, **persona)
+        except PersonaError as e:
+            return refusal(400, str(e), voices=agent.voices())
         except AgentFull:
             from duplex_agent.streams.security import refuse_full
             return refuse_full(agent)

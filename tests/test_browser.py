@@ -9,6 +9,7 @@ live page is saved to artifacts/browser.png. Without a browser: plain-HTTP check
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -30,6 +31,11 @@ from duplex_agent.streams.webrtc import AgentVoiceTrack
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 SPEECH = "Hello, this is a test of the full duplex dialogue agent. Can you hear me?"
+BROWSER_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+    "--autoplay-policy=no-user-gesture-required", "--allow-loopback-in-peer-connection"]
 
 
 @pytest.fixture(autouse=True)
@@ -46,8 +52,15 @@ def agent():
     agent.close()
 
 
-@pytest.fixture
-async def server(agent):
+@pytest.fixture(scope="module")
+def persona_agent():
+    agent = Agent.load("tiny-random-personaplex", device="cpu", max_conversations=1)
+    yield agent
+    agent.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(agent):
     runner = web.AppRunner(create_app(agent), shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -55,6 +68,18 @@ async def server(agent):
     host, port = runner.addresses[0][:2]
     yield f"http://{host}:{port}"
     await runner.cleanup()
+
+
+@pytest.fixture
+async def server(agent):
+    async with serving(agent) as url:
+        yield url
+
+
+@pytest.fixture
+async def persona_server(persona_agent):
+    async with serving(persona_agent) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -140,16 +165,14 @@ async def test_browser_conversation(server, agent, fake_mic):
     problems = []
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
-            "--allow-loopback-in-peer-connection"])
+            *BROWSER_ARGS, f"--use-file-for-fake-audio-capture={wav}"])
         try:
             page = await browser.new_page(viewport={"width": 760, "height": 900})
             page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
             page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
             await page.goto(server)
+            await page.evaluate("window.duplexVoices")
+            persona_hidden = await page.is_hidden("#persona")  # tiny-random has no personas
             await page.click("#toggle")
             await page.wait_for_function("window.duplex && window.duplex.pc"
                                          " && window.duplex.pc.connectionState === 'connected'",
@@ -199,9 +222,59 @@ async def test_browser_conversation(server, agent, fake_mic):
     assert 0.6 * expected <= received <= 1.5 * expected, (received, expected)
     assert inbound and inbound["packetsReceived"] > 0 and inbound["totalSamplesReceived"] > 0, inbound
     assert transcript.strip(), "no transcript on the page"
+    assert persona_hidden
     assert "answers after" in turns and "overlap" in turns
     assert not problems, problems
     assert agent.active == 0, "Stop did not close the conversation"
+
+
+async def test_browser_persona_reaches_the_server(persona_server, persona_agent):
+    """The voice picker (filled from GET /api/voices) and the role box: the conversation the page
+    opens has that voice and role, both are locked while it runs, and a role the model cannot take
+    is refused with the agent's reason on the page."""
+    async_playwright = pytest.importorskip("playwright.async_api").async_playwright
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"needs {CHROMIUM}")
+    role = "You sell coffee."  # the tiny model's 50-frame context takes a short role only
+    problems = []
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = await browser.new_page()
+            page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
+            await page.goto(persona_server)
+            await page.wait_for_selector("#persona", state="visible", timeout=10_000)
+            voices = await page.eval_on_selector_all("#voice option", "os => os.map(o => o.value)")
+
+            await page.click("text=Dental clinic front desk")  # an example: too long for this model
+            example = await page.input_value("#role")
+            await page.click("#toggle")
+            await page.wait_for_selector("#error", state="visible", timeout=15_000)
+            refusal = await page.inner_text("#error")
+
+            await page.select_option("#voice", "VARF1.pt")
+            await page.fill("#role", role)
+            await page.click("#toggle")
+            await page.wait_for_function("window.duplex && window.duplex.pc"
+                                         " && window.duplex.pc.connectionState === 'connected'",
+                                         timeout=15_000)
+            [conv] = persona_agent.conversations()
+            opened = (conv.voice_prompt, conv.text_prompt)
+            locked = await page.is_disabled("#voice") and await page.is_disabled("#role")
+            await page.click("#toggle")
+            deadline = time.monotonic() + 10
+            while persona_agent.active and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        finally:
+            await browser.close()
+
+    assert voices == persona_agent.voices() and len(voices) == 18
+    assert "Dental Clinic" in example
+    assert "refused" in refusal and "at most" in refusal, refusal
+    assert opened == ("VARF1.pt", role)
+    assert locked
+    assert not problems, problems
+    assert persona_agent.active == 0
 
 
 async def test_engine_failure_reaches_the_client(server, agent, monkeypatch):

@@ -6,7 +6,7 @@ const $ = (id) => document.getElementById(id);
 const ui = {
   toggle: $("toggle"), status: $("status"), error: $("error"), transcript: $("transcript"),
   lampUser: $("lamp-user"), lampAgent: $("lamp-agent"), audio: $("remote"), details: $("details"),
-  turns: $("turns"),
+  turns: $("turns"), persona: $("persona"), voice: $("voice"), role: $("role"),
   total: $("m-total"), server: $("m-server"), rtt: $("m-rtt"), jitter: $("m-jitter"),
 };
 
@@ -16,6 +16,12 @@ const ICE_GATHER_TIMEOUT_MS = 3000;
 const STATS_INTERVAL_MS = 1000;
 
 class UserError extends Error {}
+
+// A server started with --auth-token is opened as /?token=...: every API call passes it on.
+function withToken(path) {
+  const token = new URLSearchParams(location.search).get("token");
+  return token ? `${path}?token=${encodeURIComponent(token)}` : path;
+}
 
 function setStatus(state, text) {
   ui.status.dataset.state = state;
@@ -66,7 +72,7 @@ class Session {
     await pc.setLocalDescription(await pc.createOffer());
     await iceGatheringComplete(pc);
     if (this.stopped) return;
-    const answer = await postOffer(pc.localDescription);
+    const answer = await postOffer(pc.localDescription, chosenPersona());
     if (this.stopped) return;
     await pc.setRemoteDescription(answer);
     // getStats() may reject while the connection closes; the next poll simply tries again.
@@ -230,15 +236,13 @@ function iceGatheringComplete(pc) {
   });
 }
 
-async function postOffer(offer) {
+async function postOffer(offer, persona) {
   let response;
   try {
-    // A server started with --auth-token is opened as /?token=...: pass it on.
-    const token = new URLSearchParams(location.search).get("token");
-    response = await fetch(token ? `offer?token=${encodeURIComponent(token)}` : "offer", {
+    response = await fetch(withToken("offer"), {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ sdp: offer.sdp, type: offer.type }),
+      body: JSON.stringify({ sdp: offer.sdp, type: offer.type, ...persona }),
     });
   } catch (e) {
     throw new UserError("Could not reach the server. Check your connection and try again.");
@@ -251,11 +255,38 @@ async function postOffer(offer) {
   return body;
 }
 
+// Persona: the voice picker and role box, offered when the checkpoint has personas.
+async function loadVoices() {
+  let listing;
+  try {
+    const response = await fetch(withToken("api/voices"));
+    if (!response.ok) return;  // an older server, or no token: conversations without a persona
+    listing = await response.json();
+  } catch (e) {
+    return;
+  }
+  if (!listing.personas || !listing.voices.length) return;
+  ui.voice.replaceChildren(...listing.voices.map((name) => new Option(name.replace(/\.pt$/, ""), name)));
+  ui.persona.hidden = false;
+}
+
+function chosenPersona() {
+  if (ui.persona.hidden) return {};
+  const role = ui.role.value.trim();
+  return { voice_prompt: ui.voice.value, ...(role ? { text_prompt: role } : {}) };
+}
+
+for (const chip of document.querySelectorAll(".chip[data-role]")) {
+  chip.addEventListener("click", () => { ui.role.value = chip.dataset.role; });
+}
+
 let session = null;
 
 function setButton(live) {
   ui.toggle.textContent = live ? "Stop" : "Start conversation";
   ui.toggle.classList.toggle("stop", live);
+  // The persona is fixed when the conversation opens.
+  for (const el of ui.persona.querySelectorAll("select, textarea, button")) el.disabled = live;
 }
 
 async function start() {
@@ -287,3 +318,4 @@ function fail(message) {
 
 ui.toggle.addEventListener("click", () => (session ? stop() : start()));
 window.addEventListener("pagehide", stop);
+window.duplexVoices = loadVoices();  // for tests: resolves once the picker is filled (or not)
