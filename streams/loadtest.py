@@ -15,7 +15,15 @@ frames sent and received, latency percentiles, text pieces, errors (0x05 message
 abnormal closes) and, when the server's /metrics answers, how its counters of dropped, late and
 skipped frames and refusals changed during the run.
 
-The functions (`load_speech`, `run_load`, `MoshiClient`) are used by the tests as well.
+With `--protocol realtime` (and `--url ws://HOST:PORT/v1/realtime`) each client speaks the
+OpenAI Realtime protocol instead (streams/realtime.py): one 80 ms pcm16 `input_audio_buffer.append`
+every 80 ms. The agent's audio then comes only while it speaks (one response per utterance), so
+output frames cannot be matched to input frames by count: the latency figure is the server's own,
+input frame complete -> its `response.output_audio.delta` sent, read from /api/stats after the run
+(start a fresh server for each run: the figure covers the server's last 20000 deltas).
+
+The functions (`load_speech`, `run_load`, `MoshiClient`, `RealtimeClient`) are used by the tests
+as well.
 """
 from __future__ import annotations
 
@@ -144,16 +152,71 @@ class MoshiClient:
         await asyncio.wait([self._task], timeout=5.0)
 
 
+class RealtimeClient(MoshiClient):
+    """One conversation over the OpenAI Realtime protocol: 80 ms pcm16 appends; counts the audio
+    deltas (as 80 ms frames), transcript deltas and error events. Connects and closes as
+    MoshiClient does, `session.created` standing for the handshake."""
+
+    def __init__(self, ws, result: ClientResult):
+        self.ws, self.result = ws, result
+        self.handshake = asyncio.Event()  # session.created
+        self._received_bytes = 0
+        self._last_event = time.monotonic()
+        self._task = asyncio.create_task(self._receive())
+
+    async def send_frame(self, pcm) -> None:
+        import base64
+
+        import numpy as np
+        audio = base64.b64encode((np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes()).decode()
+        self.result.sent_frames += 1
+        await self.ws.send_str(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
+
+    async def _receive(self) -> None:
+        import base64
+
+        import aiohttp
+
+        from duplex_agent.agent.config import FRAME_SIZE
+        result = self.result
+        async for msg in self.ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue
+            self._last_event = time.monotonic()
+            event = json.loads(msg.data)
+            kind = event.get("type")
+            if kind == "session.created":
+                self.handshake.set()
+            elif kind == "response.output_audio.delta":
+                self._received_bytes += len(base64.b64decode(event["delta"]))
+                result.received_frames = self._received_bytes // (2 * FRAME_SIZE)
+            elif kind == "response.output_audio_transcript.delta":
+                result.text_pieces += 1
+            elif kind == "error":
+                result.errors.append(event["error"]["message"])
+
+    async def wait_for_outputs(self, timeout: float) -> None:
+        """Until the server has been quiet for half a second, the socket closes, or the time is up
+        (the agent's silent frames are not sent: there is no count to wait for)."""
+        deadline = time.monotonic() + timeout
+        while (time.monotonic() - self._last_event < 0.5 and not self.closed
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
+
+
+PROTOCOLS = {"moshi": MoshiClient, "realtime": RealtimeClient}
+
+
 async def run_client(index: int, session, url: str, speech, duration_s: float,
                      start_delay_s: float = 0.0, drain_s: float = 3.0, token=None, ssl=None,
-                     query: dict | None = None) -> ClientResult:
+                     query: dict | None = None, protocol: str = "moshi") -> ClientResult:
     """One client's whole run; never raises for the server's behaviour, it records it."""
     from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE
     result = ClientResult(index)
     await asyncio.sleep(start_delay_s)
     try:
-        client = await MoshiClient.connect(session, url, result, token=token, ssl=ssl,
-                                           **(query or {}))
+        client = await PROTOCOLS[protocol].connect(session, url, result, token=token, ssl=ssl,
+                                                   **(query or {}))
     except (ConnectionError, OSError, asyncio.TimeoutError) as e:
         result.errors = [f"connect: {e or type(e).__name__}"]  # includes a refusal's 0x05 message
         return result
@@ -180,7 +243,8 @@ async def run_client(index: int, session, url: str, speech, duration_s: float,
 # -- a whole run -----------------------------------------------------------------------------------
 
 async def run_load(url: str, clients: int, duration_s: float, speech, *, token=None, ssl=None,
-                   ramp_s: float = 0.0, drain_s: float = 3.0, query: dict | None = None) -> dict:
+                   ramp_s: float = 0.0, drain_s: float = 3.0, query: dict | None = None,
+                   protocol: str = "moshi") -> dict:
     """Run `clients` conversations at once against `url` (ws:// or wss://) and return the report."""
     import aiohttp
     timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S)
@@ -189,10 +253,16 @@ async def run_load(url: str, clients: int, duration_s: float, speech, *, token=N
         t0 = time.monotonic()
         results = await asyncio.gather(*(
             run_client(i, session, url, speech, duration_s, ramp_s * i / max(1, clients), drain_s,
-                       token, ssl, query) for i in range(clients)))
+                       token, ssl, query, protocol) for i in range(clients)))
         wall_s = time.monotonic() - t0
         after = await scrape_metrics(session, url, token, ssl)
-    return report(url, clients, duration_s, wall_s, results, before, after)
+        server_stats = await scrape_stats(session, url, token, ssl)
+    out = report(url, clients, duration_s, wall_s, results, before, after)
+    out["protocol"] = protocol
+    if server_stats is not None:
+        out["server_stats"] = {"engine": server_stats.get("engine"),
+                               "realtime": server_stats.get("realtime")}
+    return out
 
 
 def report(url, clients, duration_s, wall_s, results: list[ClientResult], before, after) -> dict:
@@ -221,11 +291,23 @@ def percentiles(values: list[float]) -> dict:
 
 # -- the server's own counters ---------------------------------------------------------------------
 
-def metrics_url(ws_url: str) -> str:
+def metrics_url(ws_url: str, path: str = "/metrics") -> str:
     """ws://host:port/api/chat -> http://host:port/metrics (wss -> https)."""
     parts = urlsplit(ws_url)
     scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
-    return urlunsplit((scheme, parts.netloc, "/metrics", "", ""))
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+async def scrape_stats(session, ws_url: str, token=None, ssl=None) -> dict | None:
+    """The server's /api/stats, or None if it does not answer."""
+    import aiohttp
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        async with session.get(metrics_url(ws_url, "/api/stats"), headers=headers, ssl=ssl,
+                               timeout=aiohttp.ClientTimeout(total=5)) as r:
+            return await r.json() if r.status == 200 else None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+        return None
 
 
 async def scrape_metrics(session, ws_url: str, token=None, ssl=None) -> dict[str, float] | None:
@@ -310,6 +392,9 @@ def register(subparsers, add_checkpoint_args, add_sampling_args) -> None:
     p.add_argument("--cafile", help="CA certificate to trust for wss:// (e.g. a self-signed one)")
     p.add_argument("--ramp", type=float, default=0.0,
                    help="spread the clients' starts over this many seconds (default 0: together)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="moshi",
+                   help="moshi (/api/chat, Ogg/Opus) or realtime (/v1/realtime, OpenAI's "
+                        "Realtime events); default moshi")
     p.add_argument("--drain", type=float, default=3.0,
                    help="after sending, wait at most this long for the last outputs (default 3 s)")
 
@@ -322,7 +407,8 @@ def run_loadtest(args) -> int:
     speech = load_speech(args.wav)
     context = ssl.create_default_context(cafile=args.cafile) if args.cafile else None
     result = asyncio.run(run_load(args.url, args.clients, args.duration, speech, token=args.token,
-                                  ssl=context, ramp_s=args.ramp, drain_s=args.drain))
+                                  ssl=context, ramp_s=args.ramp, drain_s=args.drain,
+                                  protocol=args.protocol))
     print(format_report(result))
     if args.json:
         with open(args.json, "w") as f:
@@ -340,6 +426,11 @@ def format_report(r: dict) -> str:
                      f"max {lat['max']}  (n={lat['count']})")
     lines.append(f"failed conversations: {r['failed_conversations']}")
     lines += [f"  {e}" for e in r["errors"][:10]]
+    realtime = (r.get("server_stats") or {}).get("realtime")
+    if r.get("protocol") == "realtime" and realtime:
+        lat = realtime["delta_latency_ms"]
+        lines.append(f"server frame in -> delta out ms: p50 {lat['p50']}  p90 {lat['p90']}  "
+                     f"p99 {lat['p99']}  (n={lat['count']}); responses {realtime['responses']}")
     if r["server"] is not None:
         s = r["server"]
         lines.append(f"server: dropped input {s['dropped_input_frames']:g}, output "

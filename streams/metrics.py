@@ -16,7 +16,11 @@ as in the tests, can share a process. All names start with `duplex_`:
     dropped_input_frames_total                    client faster than real time (backlog full)
     dropped_output_frames_total                   consumer did not read its events in time
     refusals_total{reason}                        full, auth, origin, per_client, size, bad_input
-    websocket_errors_total{kind}                  bad_audio, too_big, protocol, ignored
+    websocket_errors_total{kind}                  bad_audio, too_big, protocol, ignored,
+                                                  bad_event (Realtime events answered with an error)
+    prompt_cache_hits_total, prompt_cache_misses_total, prompt_cache_evictions_total
+                                                  persona prompts whose prefill was reused, computed
+    prompt_cache_bytes, prompt_cache_entries      host memory the prefilled prompts hold
 
 Per-tick figures come from the engine driver's tick listeners, on the engine thread (prometheus
 metrics are thread-safe); per-conversation drops from the conversation tracker's sweep.
@@ -33,7 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from duplex_agent.agent.config import FRAME_RATE
 
 REFUSAL_REASONS = ("full", "auth", "origin", "per_client", "size", "bad_input")
-WEBSOCKET_ERRORS = ("bad_audio", "too_big", "protocol", "ignored")
+WEBSOCKET_ERRORS = ("bad_audio", "too_big", "protocol", "ignored", "bad_event")
 END_REASONS = ("closed", "error", "idle", "max_length", "bad_input", "too_big", "protocol")
 STAGES = ("encode", "lm", "decode")
 FRAME_S = 1 / FRAME_RATE
@@ -56,6 +60,15 @@ class _AgentCollector:
         yield CounterMetricFamily("duplex_ticks", "Engine ticks run", value=driver.ticks)
         yield CounterMetricFamily("duplex_ticks_failed", "Engine ticks that raised (their "
                                   "conversations ended with an error)", value=driver.failed_ticks)
+        cache = self.agent.engine.prompt_cache.stats()
+        for name, what in (("hits", "Persona prompts whose prefill was reused from the cache"),
+                           ("misses", "Persona prompts prefilled from scratch"),
+                           ("evictions", "Prefilled prompts evicted to stay within the budget")):
+            yield CounterMetricFamily(f"duplex_prompt_cache_{name}", what, value=cache[name])
+        yield GaugeMetricFamily("duplex_prompt_cache_bytes", "Host memory held by prefilled "
+                                "persona prompts", value=cache["bytes"])
+        yield GaugeMetricFamily("duplex_prompt_cache_entries", "Prefilled persona prompts cached",
+                                value=cache["entries"])
 
 
 class Metrics:

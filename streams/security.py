@@ -4,10 +4,13 @@
   address, idle timeout, maximum conversation length).
 - `guard_middleware`: HTTP-level checks in front of the routes. Every refusal is JSON and counted
   in the metrics by reason:
-      401 no or wrong token (on /offer, /api/chat, /api/stats, /metrics, when a token is set)
+      401 no or wrong token (on /offer, /api/chat, /api/stats, /api/voices, /metrics, when a
+          token is set; the page passes its own ?token= on)
       403 Origin not allowed (on /offer and /api/chat, when origins are given)
-      413 /offer body over the size limit
-      429 too many conversations from this client address (/offer; the websocket answers 0x05)
+      413 /offer (or /v1/realtime/calls) body over the size limit
+      429 too many conversations from this client address (/offer, /v1/realtime/calls; the
+          websockets answer with their own error message)
+  The Realtime paths (/v1/realtime, /v1/realtime/calls) take the token and Origin rules too.
   The same middleware attributes each WebRTC conversation to its client, so streams/webrtc.py
   needs no knowledge of these rules.
 - `ConversationTracker`: every open conversation of the agent, whichever transport opened it. A
@@ -36,8 +39,11 @@ from duplex_agent.streams.limits import (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CON
 
 log = logging.getLogger(__name__)
 
-TOKEN_PATHS = frozenset({"/offer", "/api/chat", "/api/stats", "/metrics"})
-ORIGIN_PATHS = frozenset({"/offer", "/api/chat"})  # what a hostile web page could drive
+OFFER_PATHS = frozenset({"/offer", "/v1/realtime/calls"})  # WebRTC: a conversation per POST
+TOKEN_PATHS = frozenset({"/offer", "/api/chat", "/api/stats", "/api/voices", "/metrics",
+                         "/v1/realtime", "/v1/realtime/calls"})
+OPENAI_KEY_PROTOCOL = "openai-insecure-api-key."
+ORIGIN_PATHS = frozenset({"/offer", "/api/chat", "/v1/realtime", "/v1/realtime/calls"})  # what a hostile web page could drive
 
 
 @dataclass(frozen=True)
@@ -69,12 +75,16 @@ def _normalize_origin(origin: str) -> str:
 
 def token_matches(request: web.Request, token: str) -> bool:
     """`Authorization: Bearer TOKEN`, or `?token=TOKEN` for clients that cannot set headers
-    (browsers' WebSocket, the moshi web client). Constant-time comparison."""
+    (browsers' WebSocket, the moshi web client), or the websocket subprotocol
+    `openai-insecure-api-key.TOKEN` that OpenAI's browser clients send. Constant-time comparison."""
     header = request.headers.get("Authorization", "")
     if header[:7].lower() == "bearer ":
         given = header[7:].strip()
     else:
         given = request.query.get("token", "")
+        for protocol in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
+            if protocol.strip().startswith(OPENAI_KEY_PROTOCOL):
+                given = protocol.strip()[len(OPENAI_KEY_PROTOCOL):]
     return hmac.compare_digest(given.encode(), token.encode())
 
 
@@ -116,7 +126,7 @@ def guard_middleware(policy: Policy, tracker: "ConversationTracker", metrics):
         if path in ORIGIN_PATHS and not origin_allowed(request, policy.allowed_origins):
             metrics.refused("origin")
             return refusal(403, f"origin {request.headers.get('Origin')!r} is not allowed")
-        if path == "/offer" and request.method == "POST":
+        if path in OFFER_PATHS and request.method == "POST":
             return await _guard_offer(request, handler)
         return await handler(request)
 
