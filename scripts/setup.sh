@@ -29,8 +29,9 @@ python=${PYTHON:-python3}
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
 torch_version=$(.venv/bin/python -c "import torch; print(torch.__version__)" 2>/dev/null)
 # moshi 0.2.13 declares torch<2.10 although it runs on newer torch: keep the torch we have.
-overrides=$(mktemp); echo "torch==${torch_version}" > "$overrides"
-extra=""; [ "$mode" = test ] && extra="[test]"
+# ray[serve] (the cluster command) asks for aiohttp>=3.14.4 and moshi pins <3.12: keep moshi's.
+overrides=$(mktemp); printf 'torch==%s\naiohttp>=3.10.5,<3.12\n' "${torch_version}" > "$overrides"
+extra="[cluster]"; [ "$mode" = test ] && extra="[test,cluster]"
 .venv/bin/uv pip install -q --python .venv/bin/python --override "$overrides" -e ".${extra}"
 rm -f "$overrides"
 echo "setup: ready (torch ${torch_version}); activate with: source .venv/bin/activate"

@@ -4,8 +4,11 @@ Routes:
     GET  /           web/index.html (other files of web/ are served as static files)
     GET  /api/chat   Moshi's websocket protocol (streams/moshi_ws.py)
     GET  /api/stats  JSON: active conversations, capacity, per-conversation stats, engine timings
+    GET  /api/voices JSON: a persona checkpoint's voices, {"personas": bool, "voices": [...]}
     GET  /metrics    Prometheus metrics (streams/metrics.py)
     POST /offer      WebRTC (streams/webrtc.py), when that module is present
+    GET  /v1/realtime        the OpenAI Realtime API, websocket (streams/realtime.py)
+    POST /v1/realtime/calls  the same over WebRTC (streams/realtime_call.py), with streams/webrtc.py
 
 Every connection is one conversation of the shared `Agent`; a full server refuses at once
 (websocket: a 0x05 error; HTTP: `security.refuse_full`, status 503), it never queues. The admission rules
@@ -28,20 +31,26 @@ from dataclasses import asdict
 from pathlib import Path
 
 from duplex_agent.streams.limits import (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONVERSATION_S,
-                                         DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_OFFER_BYTES)
+                                         DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_OFFER_BYTES,
+                                         MAX_REQUEST_LINE_BYTES)
 
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"
 DEFAULT_MAX_SESSIONS = 8  # each costs one KV cache: 1.6 GB at bf16 for moshiko's 3000 steps
+STATS_PROMPT_CHARS = 80  # /api/stats shows the start of each conversation's text prompt
 
 
-def create_app(agent, static_dir: Path = WEB_DIR, policy=None, profile_stages: bool | None = None):
+def create_app(agent, static_dir: Path = WEB_DIR, policy=None, profile_stages: bool | None = None,
+               utterance_rule=None):
     """The aiohttp application. `policy`: a streams.security.Policy (default: its defaults);
-    `profile_stages`: time the engine's stages for /metrics (default: on CPU only)."""
+    `profile_stages`: time the engine's stages for /metrics (default: on CPU only);
+    `utterance_rule`: how the Realtime API cuts the agent's stream into responses
+    (streams.realtime_events.UtteranceRule, default: its defaults)."""
     from aiohttp import web
 
     from duplex_agent.streams.metrics import Metrics
+    from duplex_agent.streams import realtime
     from duplex_agent.streams.moshi_ws import MoshiChat
     from duplex_agent.streams.security import ConversationTracker, Policy, guard_middleware
 
@@ -49,8 +58,10 @@ def create_app(agent, static_dir: Path = WEB_DIR, policy=None, profile_stages: b
     metrics = Metrics()
     tracker = ConversationTracker(agent, policy, metrics)
     app = web.Application(middlewares=[guard_middleware(policy, tracker, metrics)],
-                          client_max_size=policy.max_offer_bytes)  # only /offer takes a body
+                          client_max_size=policy.max_offer_bytes,  # only /offer takes a body
+                          handler_args={"max_line_size": MAX_REQUEST_LINE_BYTES})
     chat = MoshiChat(agent, policy, tracker, metrics)
+    realtime_api = realtime.setup_routes(app, agent, policy, tracker, metrics, utterance_rule)
     index = Path(static_dir) / "index.html"
 
     async def handle_index(request: web.Request) -> web.StreamResponse:
@@ -59,7 +70,11 @@ def create_app(agent, static_dir: Path = WEB_DIR, policy=None, profile_stages: b
         return web.FileResponse(index)
 
     async def handle_stats(request: web.Request) -> web.Response:
-        return web.json_response(stats(agent, chat))
+        return web.json_response({**stats(agent, chat), "realtime": realtime_api.stats()})
+
+    async def handle_voices(request: web.Request) -> web.Response:
+        return web.json_response({"personas": agent.engine.bundle.personas is not None,
+                                  "voices": agent.voices()})
 
     async def handle_metrics(request: web.Request) -> web.Response:
         tracker.sweep()  # drop counts up to date
@@ -69,6 +84,8 @@ def create_app(agent, static_dir: Path = WEB_DIR, policy=None, profile_stages: b
     background: list[asyncio.Task] = []
 
     async def start_background(app: web.Application) -> None:
+        if agent.engine.bundle.personas is not None:
+            await asyncio.to_thread(_load_voices, agent.engine.bundle.personas)
         metrics.attach(agent, profile_stages)
         background.append(asyncio.create_task(_sweep_forever(tracker, policy.sweep_interval_s)))
 
@@ -86,6 +103,7 @@ def create_app(agent, static_dir: Path = WEB_DIR, policy=None, profile_stages: b
     app.router.add_get("/", handle_index)
     app.router.add_get("/api/chat", chat.handle)
     app.router.add_get("/api/stats", handle_stats)
+    app.router.add_get("/api/voices", handle_voices)
     app.router.add_get("/metrics", handle_metrics)
     app.on_startup.append(start_background)
     app.on_shutdown.append(close_sockets)
@@ -98,9 +116,22 @@ def create_app(agent, static_dir: Path = WEB_DIR, policy=None, profile_stages: b
         log.warning("streams/webrtc.py not found: WebRTC (POST /offer) is disabled")
     else:
         webrtc.setup_routes(app, agent)
+        from duplex_agent.streams.realtime_call import add_call_route
+        add_call_route(app, realtime_api)
     if Path(static_dir).is_dir():  # last: the other routes take precedence over files
         app.router.add_static("/", static_dir)
     return app
+
+
+def _load_voices(personas) -> None:
+    """Load every voice once, off the event loop (a recording is Mimi-encoded on first use); a
+    broken file is reported here and refused, with its reason, to whoever asks for it."""
+    from duplex_agent.checkpoints.personaplex import PersonaError
+    for name in personas.voices():
+        try:
+            personas.voice(name)
+        except PersonaError as e:
+            log.warning("voice %s cannot be used: %s", name, e)
 
 
 async def _sweep_forever(tracker, interval_s: float) -> None:
@@ -121,8 +152,10 @@ def stats(agent, chat) -> dict:
     return {
         "active": agent.active,
         "capacity": agent.max_conversations,
-        "conversations": [{"id": c.id, "slot": c.slot, "backlog": c.backlog, **c.stats.as_dict()}
-                          for c in agent.conversations()],
+        "conversations": [{"id": c.id, "slot": c.slot, "backlog": c.backlog,
+                           "voice_prompt": c.voice_prompt, "text_prompt": _shorten(c.text_prompt),
+                           **c.stats.as_dict()} for c in agent.conversations()],
+        "prompt_cache": agent.engine.prompt_cache.stats(),
         "engine": {  # what runs, and timings over the last ticks (up to 2000)
             **agent.engine.describe(),
             "ticks": driver.ticks,
@@ -136,25 +169,74 @@ def stats(agent, chat) -> dict:
     }
 
 
+def _shorten(text: str | None, limit: int = STATS_PROMPT_CHARS) -> str | None:
+    return text if text is None or len(text) <= limit else text[:limit - 1] + "…"
+
+
 
 
 # -- command line ----------------------------------------------------------------------------------
 
 def register(subparsers, add_checkpoint_args, add_sampling_args) -> None:
+    from duplex_agent.agent.cli import add_persona_args
     # add_sampling_args is not used: each client chooses its sampling (moshi's query parameters).
     p = subparsers.add_parser("serve", help="serve the web client, Moshi's websocket and WebRTC")
     p.set_defaults(func=run_serve)
+    add_listen_args(p)
+    add_checkpoint_args(p)
+    add_persona_args(p, conversation=False)  # each client picks its persona
+    add_threads_arg(p)
+    add_policy_args(p)
+    add_realtime_args(p)
+
+
+def add_realtime_args(p: argparse.ArgumentParser) -> None:
+    """The Realtime API's flags (see `utterance_rule_from_args`), shared by `serve` and `cluster`."""
+    g = p.add_argument_group("OpenAI Realtime API: one agent utterance is one response")
+    g.add_argument("--realtime-silence-dbfs", type=float, default=-45.0,
+                   help="agent frames at or below this level are silence (default -45)")
+    g.add_argument("--realtime-silence-ms", type=_positive_int, default=400,
+                   help="this much agent silence ends a response (default 400; whole 80 ms frames)")
+
+
+def utterance_rule_from_args(args):
+    from duplex_agent.streams.realtime_events import UtteranceRule
+    return UtteranceRule(args.realtime_silence_dbfs, max(1, round(args.realtime_silence_ms / 80)))
+
+
+def add_listen_args(p: argparse.ArgumentParser) -> None:
+    """--host, --port, --max-sessions: shared by `serve` and `cluster` (streams/cluster.py)."""
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8998, help="default 8998; 0 picks a free port")
     p.add_argument("--max-sessions", type=_positive_int, default=DEFAULT_MAX_SESSIONS,
                    help=f"conversations served at once (default {DEFAULT_MAX_SESSIONS}); "
                         "more clients are refused")
-    add_checkpoint_args(p)
 
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: $OMP_NUM_THREADS if set, else the number of "
+                        "cores, at most 4): more threads than free cores make every tick wait "
+                        "for the slowest one")
+
+
+def set_torch_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads before a model loads; returns the number chosen."""
+    import torch
+    if threads is None:
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(omp) if omp.isdigit() and int(omp) > 0 else min(len(os.sched_getaffinity(0)), 4)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    """The security and limit flags (see `policy_from_args`), shared by `serve` and `cluster`."""
     g = p.add_argument_group("security and limits")
     g.add_argument("--auth-token", default=os.environ.get("AGENT_AUTH_TOKEN") or None,
-                   help="require this token on /offer, /api/chat, /api/stats and /metrics, as "
+                   help="require this token on /offer, /api/chat, /api/stats, /api/voices and "
+                        "/metrics, as "
                         "'Authorization: Bearer TOKEN' or ?token=TOKEN (default: "
                         "$AGENT_AUTH_TOKEN; none: open to anyone who can connect)")
     g.add_argument("--allowed-origins", type=_origins, default=frozenset(),
@@ -218,6 +300,7 @@ def run_serve(args) -> int:
     import sys
 
     from duplex_agent.agent.api import Agent
+    from duplex_agent.agent.cli import weight_options
     from duplex_agent.streams.security import tls_context
     if bool(args.ssl_cert) != bool(args.ssl_key):
         print("error: --ssl-cert and --ssl-key go together", file=sys.stderr)
@@ -228,35 +311,47 @@ def run_serve(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     policy = policy_from_args(args)
-    agent = Agent.load(args.checkpoint, args.device, args.max_sessions, kv_cache=args.kv_cache)
+    set_torch_threads(args.threads)
+    agent = Agent.load(args.checkpoint, args.device, args.max_sessions, kv_cache=args.kv_cache,
+                       voice_prompt_dir=args.voice_prompt_dir, **weight_options(args))
     try:
         asyncio.run(serve(agent, args.host, args.port, policy, ssl_context,
-                          profile_stages=args.profile_stages or None))
+                          profile_stages=args.profile_stages or None,
+                          utterance_rule=utterance_rule_from_args(args)))
     finally:
         agent.close()
     return 0
 
 
 async def serve(agent, host: str, port: int, policy=None, ssl_context=None,
-                profile_stages: bool | None = None) -> None:
+                profile_stages: bool | None = None, utterance_rule=None) -> None:
     """Serve until SIGINT or SIGTERM, then close every connection and return."""
-    from aiohttp import web
-
-    from duplex_agent.streams.security import Policy, RedactingAccessLogger
+    from duplex_agent.streams.security import Policy
     policy = policy or Policy()
     _warn_if_exposed(host, policy, ssl_context)
-    runner = web.AppRunner(create_app(agent, policy=policy, profile_stages=profile_stages),
-                           shutdown_timeout=5.0, access_log_class=RedactingAccessLogger)
+    app = create_app(agent, policy=policy, profile_stages=profile_stages,
+                     utterance_rule=utterance_rule)
+    engine = agent.engine.describe()
+    await serve_until_signal(app, host, port, ssl_context, lambda url: (
+        f"serving on {url} ({agent.max_conversations} conversations max; "
+        f"{engine['checkpoint']} on {engine['device']}, {engine['dtype']}, weights "
+        f"{engine['weights']} ({engine['weight_bytes'] / 1e9:.1f} GB), KV cache "
+        f"{engine['kv_cache']}, {engine['kernels']} kernels, CUDA graphs "
+        f"{'on' if engine['cuda_graphs'] else 'off'})"))
+
+
+async def serve_until_signal(app, host: str, port: int, ssl_context, banner) -> None:
+    """Serve `app` on host:port until SIGINT or SIGTERM, then close every connection and return.
+    `banner(url)` is printed once listening (the real port when port 0 was asked)."""
+    from aiohttp import web
+
+    from duplex_agent.streams.security import RedactingAccessLogger
+    runner = web.AppRunner(app, shutdown_timeout=5.0, access_log_class=RedactingAccessLogger)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
-        port = runner.addresses[0][1]  # the real one when port 0 was asked
-        scheme = "https" if ssl_context else "http"
-        engine = agent.engine.describe()
-        print(f"serving on {scheme}://{host}:{port} ({agent.max_conversations} conversations max; "
-              f"{engine['checkpoint']} on {engine['device']}, {engine['dtype']}, KV cache "
-              f"{engine['kv_cache']}, {engine['kernels']} kernels, CUDA graphs "
-              f"{'on' if engine['cuda_graphs'] else 'off'})", flush=True)
+        port = runner.addresses[0][1]
+        print(banner(f"{'https' if ssl_context else 'http'}://{host}:{port}"), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -264,7 +359,7 @@ async def serve(agent, host: str, port: int, policy=None, ssl_context=None,
         await stop.wait()
         log.info("shutting down")
     finally:
-        await runner.cleanup()
+        await runner.cleanup()  # closes client sockets (and a cluster's slot holds) first
 
 
 def _warn_if_exposed(host: str, policy, ssl_context) -> None:
