@@ -444,9 +444,17 @@ async def test_realtime_and_moshi_clients_share_ticks(server, speech, agent):
                 for i in range(0, len(speech), FRAME_SIZE):
                     await asyncio.sleep(max(0.0, t0 + i / SAMPLE_RATE - time.monotonic()))
                     await moshi.send_frame(speech[i:i + FRAME_SIZE].astype(np.float32) / 32768)
-            await asyncio.gather(moshi_side(), stream(
-                lambda a: conn.input_audio_buffer.append(audio=a), speech, SAMPLE_RATE,
-                lambda x: x.astype("<i2").tobytes()))
+
+            async def realtime_side():
+                # Real-time clients at unrelated phases may well never meet in a tick; one
+                # second sent at once (inside the input backlog) is queued across several of
+                # the Moshi client's frames, so ticks must take both.
+                await asyncio.sleep(0.2)
+                burst, n = speech[:SAMPLE_RATE], int(SAMPLE_RATE * CHUNK_S)
+                for k in range(0, len(burst), n):
+                    await conn.input_audio_buffer.append(
+                        audio=base64.b64encode(burst[k:k + n].astype("<i2").tobytes()).decode())
+            await asyncio.gather(moshi_side(), realtime_side())
             await moshi.wait_for_outputs(10)
             rx.stop()
         await moshi.close()
