@@ -102,11 +102,7 @@ def register(subparsers, add_checkpoint_args, add_sampling_args) -> None:
 
 
 def run_cluster(args) -> int:
-    from duplex_agent.streams.security import tls_context
-    from duplex_agent.streams.server import policy_from_args
-    if bool(args.ssl_cert) != bool(args.ssl_key):
-        print("error: --ssl-cert and --ssl-key go together", file=sys.stderr)
-        return 2
+    from duplex_agent.streams.server import policy_from_args, ssl_context_from_args
     if (args.min_replicas is None) != (args.max_replicas is None):
         print("error: --min-replicas and --max-replicas go together", file=sys.stderr)
         return 2
@@ -117,7 +113,7 @@ def run_cluster(args) -> int:
         print("error: --num-cpus is for a local cluster; not with --address", file=sys.stderr)
         return 2
     try:
-        ssl_context = tls_context(args.ssl_cert, args.ssl_key) if args.ssl_cert else None
+        ssl_context = ssl_context_from_args(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

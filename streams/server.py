@@ -296,17 +296,21 @@ def policy_from_args(args):
                   max_conversation_s=args.max_conversation_s or None)
 
 
+def ssl_context_from_args(args):
+    """The TLS context of --ssl-cert/--ssl-key (None without them); ValueError says what is wrong."""
+    from duplex_agent.streams.security import tls_context
+    if bool(args.ssl_cert) != bool(args.ssl_key):
+        raise ValueError("--ssl-cert and --ssl-key go together")
+    return tls_context(args.ssl_cert, args.ssl_key) if args.ssl_cert else None
+
+
 def run_serve(args) -> int:
     import sys
 
     from duplex_agent.agent.api import Agent
     from duplex_agent.agent.cli import weight_options
-    from duplex_agent.streams.security import tls_context
-    if bool(args.ssl_cert) != bool(args.ssl_key):
-        print("error: --ssl-cert and --ssl-key go together", file=sys.stderr)
-        return 2
     try:
-        ssl_context = tls_context(args.ssl_cert, args.ssl_key) if args.ssl_cert else None
+        ssl_context = ssl_context_from_args(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
