@@ -167,9 +167,7 @@ def session_counts(sessions: list[int | str], fit: int, max_cap: int | None = No
 
 
 def _model_factory(device):
-    import torch
-
-    from duplex_agent.agent.config import LMConfig, SamplingConfig
+    from duplex_agent.agent.config import SamplingConfig
     from duplex_agent.checkpoints.loader import AgentBundle, load_checkpoint
     if device.type != "cuda":
         base = load_checkpoint("tiny-random", device)
@@ -180,21 +178,29 @@ def _model_factory(device):
         return tiny, "tiny"
 
     from moshi.models import loaders
-
-    from duplex_agent.agent.model import MoshiLM
-    cfg = LMConfig.moshiko()
-    with torch.device("meta"):
-        model = MoshiLM(cfg)
-    model = model.to_empty(device=device).to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
+    model = random_moshiko_lm(device)
     tokenizer = load_checkpoint("tiny-random", "cpu").tokenizer  # only for printing pieces
 
     def real():
         mimi = loaders.get_mimi(None, device=device)
-        return AgentBundle("moshiko-random", cfg, model, mimi, tokenizer, SamplingConfig())
+        return AgentBundle("moshiko-random", model.cfg, model, mimi, tokenizer, SamplingConfig())
     return real, "moshiko (random init, bf16)"
+
+
+def random_moshiko_lm(device):
+    """moshiko's LM shape with random bf16 weights, made on the meta device and then allocated
+    once on `device` (no 15 GB host copy)."""
+    import torch
+
+    from duplex_agent.agent.config import LMConfig
+    from duplex_agent.agent.model import MoshiLM
+    with torch.device("meta"):
+        model = MoshiLM(LMConfig.moshiko())
+    model = model.to_empty(device=device).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model
 
 
 def _fill_context(engine, bundle) -> None:

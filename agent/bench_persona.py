@@ -50,17 +50,11 @@ def _real(device):
     weights made on the meta device; a random preset voice and random text tokens."""
     from moshi.models import loaders
 
-    from duplex_agent.agent.config import LMConfig
-    from duplex_agent.agent.model import MoshiLM
+    from duplex_agent.agent.bench import random_moshiko_lm
     from duplex_agent.checkpoints.loader import AgentBundle, load_checkpoint
     from duplex_agent.checkpoints.personaplex import SILENCE_CODES, SINE_CODES, VoicePrompt
-    cfg = LMConfig.moshiko()
-    with torch.device("meta"):
-        model = MoshiLM(cfg)
-    model = model.to_empty(device=device).to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
+    model = random_moshiko_lm(device)
+    cfg = model.cfg
     tokenizer = load_checkpoint("tiny-random", "cpu").tokenizer  # only for printing pieces
     mimi = loaders.get_mimi(None, device=device)
     bundle = AgentBundle("personaplex-shape-random", cfg, model, mimi, tokenizer, SamplingConfig())

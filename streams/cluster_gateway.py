@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 from duplex_agent.streams.cluster_replica import TICKET_HEADER
@@ -98,6 +98,7 @@ class Gateway:
     def __init__(self, handle, registry, slots: int, policy, internal_token: str,
                  static_dir: Path | None = None):
         from duplex_agent.streams.metrics import Metrics
+        from duplex_agent.streams.security import Reservations
         from duplex_agent.streams.server import WEB_DIR
         self.handle, self.registry, self.slots = handle, registry, slots
         self.policy, self.internal_token = policy, internal_token
@@ -105,7 +106,7 @@ class Gateway:
         self.metrics = Metrics()  # the gateway's own refusals; summed with the replicas' metrics
         self.running_replicas = 0
         self._holds: set[Hold] = set()
-        self._reserved: Counter[str] = Counter()
+        self._reserved = Reservations()
         self._sockets: set = set()
         self._unreachable_since: dict[str, float] = {}
         self.counters = Counter()  # websocket refusals and relay failures at the gateway
@@ -153,15 +154,8 @@ class Gateway:
     def count(self, client: str) -> int:
         return sum(1 for h in self._holds if h.client == client) + self._reserved[client]
 
-    @contextmanager
     def reserve(self, client: str):
-        self._reserved[client] += 1
-        try:
-            yield
-        finally:
-            self._reserved[client] -= 1
-            if not self._reserved[client]:
-                del self._reserved[client]
+        return self._reserved.hold(client)
 
     def claim(self, hold: Hold, client: str | None, transport: str) -> None:
         hold.client, hold.transport = client, transport

@@ -25,7 +25,8 @@ from aiortc.mediastreams import MediaStreamError
 from duplex_agent.streams.realtime import CALLS_PATH, Fatal, RealtimeSession
 from duplex_agent.streams.realtime_events import ProtocolError, error_event, new_id
 from duplex_agent.streams.security import refusal, refuse_full
-from duplex_agent.streams.webrtc import CONNECT_TIMEOUT_S, AgentVoiceTrack, frame_to_mono
+from duplex_agent.streams.webrtc import (CONNECT_TIMEOUT_S, AgentVoiceTrack, DataChannelOutbox,
+                                         frame_to_mono)
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,7 @@ class RealtimeCall:
         self.voice = AgentVoiceTrack()
         self.session = RealtimeSession(endpoint, client, sampling, self._send, self.close,
                                        audio_out=self.voice.feed)
-        self.channel = None
-        self._pending: list[str] = []
+        self.outbox = DataChannelOutbox(limit=MAX_PENDING_EVENTS)
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._connected = False
@@ -74,14 +74,11 @@ class RealtimeCall:
             await self.close()
 
     def _on_datachannel(self, channel) -> None:
-        if channel.label != EVENTS_LABEL or self.channel is not None:
+        if channel.label != EVENTS_LABEL or self.outbox.channel is not None:
             return
-        self.channel = channel
         channel.on("message", self._inbox.put_nowait)
         channel.on("close", lambda: self._spawn(self.close()))
-        for text in self._pending:
-            channel.send(text)
-        self._pending.clear()
+        self.outbox.attach(channel)
 
     def _on_track(self, track) -> None:
         if track.kind == "audio":
@@ -115,18 +112,13 @@ class RealtimeCall:
             await self.close()
 
     async def _send(self, event: dict) -> None:
-        text = json.dumps(event)
-        if self.channel is None:
-            if len(self._pending) < MAX_PENDING_EVENTS:
-                self._pending.append(text)
-        elif self.channel.readyState == "open":
-            self.channel.send(text)
+        self.outbox.send(event)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self.session.finished and self.channel is not None:
+        if self.session.finished and self.outbox.channel is not None:
             await asyncio.sleep(0.2)  # the server ended it: let the error event go first
         current = asyncio.current_task()
         for task in self._tasks:

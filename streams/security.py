@@ -174,6 +174,21 @@ class _Tracked:
     dropped_out: int = 0
 
 
+class Reservations(Counter):
+    """Per client address, the conversations still being set up (an offer in negotiation), which
+    count against --max-per-client before they exist."""
+
+    @contextmanager
+    def hold(self, client: str):
+        self[client] += 1
+        try:
+            yield
+        finally:
+            self[client] -= 1
+            if not self[client]:
+                del self[client]
+
+
 class ConversationTracker:
     """Open conversations with their client and age: per-client counts, time limits, drop
     accounting and end-of-conversation logs. Used from the event loop only."""
@@ -181,7 +196,7 @@ class ConversationTracker:
     def __init__(self, agent, policy: Policy, metrics):
         self.agent, self.policy, self.metrics = agent, policy, metrics
         self._tracked: dict[str, _Tracked] = {}  # by conversation id
-        self._reserved: Counter[str] = Counter()  # offers being negotiated, by client
+        self._reserved = Reservations()  # offers being negotiated, by client
         # Conversations this tracker ended ("idle", "max_length"), for as long as they exist.
         self._ended: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -191,15 +206,9 @@ class ConversationTracker:
         live = sum(1 for t in self._tracked.values() if t.client == client and not t.conv.closed)
         return live + self._reserved[client]
 
-    @contextmanager
     def reserve(self, client: str):
-        self._reserved[client] += 1
-        try:
-            yield
-        finally:
-            self._reserved[client] -= 1
-            if not self._reserved[client]:
-                del self._reserved[client]
+        """Count an offer in negotiation against its client's limit (a context manager)."""
+        return self._reserved.hold(client)
 
     def claim(self, conv, client: str | None, transport: str) -> None:
         """Record who opened `conv`; call right after `agent.open()`."""

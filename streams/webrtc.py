@@ -159,6 +159,33 @@ def frame_to_mono(frame: AudioFrame) -> np.ndarray:
     return a.astype(np.float32, copy=False).mean(axis=1)
 
 
+class DataChannelOutbox:
+    """JSON messages for a peer's data channel. Those produced before the channel opens wait for
+    it, up to `limit`; beyond that they are dropped and counted in `dropped`."""
+
+    def __init__(self, limit: int):
+        self.channel = None
+        self.limit = limit
+        self.dropped = 0
+        self._pending: list[str] = []
+
+    def attach(self, channel) -> None:
+        self.channel = channel
+        for text in self._pending:
+            channel.send(text)
+        self._pending.clear()
+
+    def send(self, message: dict) -> None:
+        text = json.dumps(message)
+        if self.channel is None:
+            if len(self._pending) < self.limit:
+                self._pending.append(text)
+            else:
+                self.dropped += 1
+        elif self.channel.readyState == "open":
+            self.channel.send(text)
+
+
 class PeerSession:
     """One browser: its peer connection, conversation, outgoing track and data channel."""
 
@@ -166,8 +193,7 @@ class PeerSession:
         self.conv = conv
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.voice = AgentVoiceTrack()
-        self.channel = None
-        self._pending: list[str] = []  # messages produced before the data channel opened
+        self.outbox = DataChannelOutbox(limit=100)
         self._on_closed = on_closed
         self._tasks: list[asyncio.Task] = []
         self._mic_started = False
@@ -202,13 +228,10 @@ class PeerSession:
             await self.close()
 
     def _on_datachannel(self, channel) -> None:
-        if self.channel is not None:
+        if self.outbox.channel is not None:
             return
-        self.channel = channel
         channel.on("close", lambda: self._spawn(self.close()))
-        for message in self._pending:
-            channel.send(message)
-        self._pending.clear()
+        self.outbox.attach(channel)
 
     def _on_track(self, track) -> None:
         if track.kind == "audio" and not self._mic_started:
@@ -242,8 +265,9 @@ class PeerSession:
     async def _send_stats(self) -> None:
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
-            if self.channel is not None:
-                self.send({"type": "stats", **self.conv.report(), **self.voice.stats()})
+            if self.outbox.channel is not None:
+                self.send({"type": "stats", **self.conv.report(), **self.voice.stats(),
+                           "dropped_messages": self.outbox.dropped})
 
     async def _watch_connect(self) -> None:
         await asyncio.sleep(CONNECT_TIMEOUT_S)
@@ -252,12 +276,7 @@ class PeerSession:
             await self.close()
 
     def send(self, message: dict) -> None:
-        text = json.dumps(message)
-        if self.channel is None:
-            if len(self._pending) < 100:
-                self._pending.append(text)
-        elif self.channel.readyState == "open":
-            self.channel.send(text)
+        self.outbox.send(message)
 
     async def close(self) -> None:
         if self._closed:
