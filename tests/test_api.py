@@ -138,6 +138,11 @@ async def test_a_sender_waiting_for_room_is_released_by_close(agent):
 
 async def test_failing_tick_ends_only_its_conversations(agent):
     victim = agent.open()
+    # One frame through first: ticks run one at a time on the engine thread, so once this frame's
+    # audio is back no earlier test's tick is still on its way to the patched step below.
+    victim.push(np.zeros(FRAME_SIZE, dtype=np.float32))
+    first, _ = await asyncio.wait_for(collect(victim, 1), 30)
+    assert len(first) == 1
     original = agent.engine.lm.step
     calls = {"n": 0}
 
