@@ -258,6 +258,11 @@ def _load_layout(name: str, get: Callable[..., Path | None], root: Path | None, 
     persona = known is not None and known.personas
     if personaplex.is_personaplex_layout(state, cfg):  # 16 depformer steps; serve the agent's 8
         state, cfg = personaplex.agent_steps_only(state, cfg)
+        if not persona:  # the shapes cannot tell PersonaPlex from another two-stream fine-tune
+            log.warning("%s: its depformer also predicts the user's audio (PersonaPlex's layout): "
+                        "served with the agent's %d steps and taken as a persona checkpoint. "
+                        "If it was not trained on persona prompts, open conversations without "
+                        "voice_prompt/text_prompt.", name, cfg.dep_q)
         persona = True
     model = _build_lm(cfg, state, device, dtype, name, weights)
     from moshi.models import loaders

@@ -85,10 +85,13 @@ def bundle(persona_dir):
 # -- the checkpoint --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("says", [None, {"dep_q": 16}])
-def test_layout_detected_from_shapes_and_sliced_to_agent_steps(tmp_path, reference, says):
+def test_layout_detected_from_shapes_and_sliced_to_agent_steps(tmp_path, reference, says,
+                                                               caplog):
     bundle = load_checkpoint(str(_write_dir(tmp_path, reference, says)), device="cpu")
     assert bundle.config == LMConfig.tiny()  # dep_q 8: the agent's steps
     assert bundle.personas is not None
+    # Shapes alone cannot tell PersonaPlex from another two-stream fine-tune: the log says so.
+    assert "taken as a persona checkpoint" in caplog.text
     disk = moshi_to_disk(reference.state_dict())
     assert personaplex.depformer_steps(disk) == 16
     ours = bundle.model.state_dict()
