@@ -33,7 +33,7 @@ class ReplicaServer:
 
     def __init__(self, settings: dict):
         from duplex_agent.agent.api import Agent
-        from duplex_agent.streams.server import set_torch_threads
+        from duplex_agent.streams.server import set_torch_threads, settle_heap
         set_torch_threads(settings["threads"])  # = the replica's num_cpus, before the model loads
         _not_niced()
         if settings.get("media_host"):
@@ -42,6 +42,7 @@ class ReplicaServer:
         self.agent = Agent.load(settings["checkpoint"], settings["device"],
                                 settings["max_sessions"], kv_cache=settings["kv_cache"],
                                 **settings["weights"])
+        settle_heap()
         self._tickets: dict[str, dict] = {}  # key -> {"done": Future, "conv": ..., "used": bool}
         self.loop = asyncio.new_event_loop()
         started: concurrent.futures.Future = concurrent.futures.Future()

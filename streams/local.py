@@ -97,11 +97,12 @@ def _run_local(args) -> int:
 
     from duplex_agent.agent.api import Agent
     from duplex_agent.agent.cli import sampling_from_args, voice_prompt_from_args, weight_options
-    from duplex_agent.streams.server import set_torch_threads
+    from duplex_agent.streams.server import set_torch_threads, settle_heap
     set_torch_threads(args.threads)
     agent = Agent.load(args.checkpoint, args.device, max_conversations=1,
                        kv_cache=args.kv_cache, voice_prompt_dir=args.voice_prompt_dir,
                        **weight_options(args))
+    settle_heap()
     try:
         sampling = sampling_from_args(args, agent.sampling_defaults)
         persona = {"voice_prompt": voice_prompt_from_args(args, agent.engine.bundle),

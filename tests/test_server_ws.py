@@ -323,3 +323,15 @@ async def test_serve_command(session):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_settle_heap_sets_what_is_alive_aside_from_full_collections():
+    """`serve`, `local` and the cluster replicas call it once the model is loaded."""
+    import gc
+
+    from duplex_agent.streams.server import settle_heap
+    alive = [[i] for i in range(20_000)]  # tracked containers, like a loaded library's
+    assert any(o is alive for o in gc.get_objects())
+    frozen = settle_heap()
+    assert frozen >= len(alive)
+    assert not any(o is alive for o in gc.get_objects())  # a full collection no longer walks them
