@@ -23,6 +23,14 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def pytest_collection_finish(session):
+    """What the collected modules imported lives for the whole run: out of the garbage collector's
+    full collections (as `serve` does after loading), whose pauses of several hundred ms on a
+    busy 2-core machine would otherwise stall the live conversations that tests measure."""
+    from duplex_agent.streams.server import settle_heap
+    settle_heap()
+
+
 @pytest.fixture
 async def session():
     """An HTTP/websocket client session for tests of a live server."""
