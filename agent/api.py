@@ -254,6 +254,9 @@ class Agent:
         self._lock = threading.Lock()
         self._driver = EngineDriver(self)
         self._driver.start()
+        self._driver.ready.wait()  # the engine's warm-up, so the first conversation waits for none
+        if self._driver.startup_error is not None:
+            raise self._driver.startup_error
 
     @classmethod
     def load(cls, checkpoint: str = "kyutai/moshiko-pytorch-bf16", device=None,

@@ -32,6 +32,8 @@ class EngineDriver(threading.Thread):
         # Called on this thread after each tick (metrics):
         # f(tick_ms, batch size, open conversations that had no frame, per-frame latencies in ms).
         self.tick_listeners: list = []
+        self.ready = threading.Event()  # set once the engine is warmed up (or failed to)
+        self.startup_error: BaseException | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -43,6 +45,13 @@ class EngineDriver(threading.Thread):
             self.join(timeout)
 
     def run(self) -> None:
+        try:
+            self.engine.warm_up()  # here: all GPU work happens on this thread
+        except BaseException as e:  # handed to the Agent being built, which raises it
+            self.startup_error = e
+            return
+        finally:
+            self.ready.set()
         while not self._stopping:
             self._wake.wait(0.1)
             self._wake.clear()

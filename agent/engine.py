@@ -264,6 +264,20 @@ class Engine:
 
     # -- one tick --------------------------------------------------------------------------------
     @torch.no_grad()
+    def warm_up(self) -> None:
+        """A tick's work with no row executing, before the first conversation: Triton compiles,
+        the CUDA graphs (the LM step's, moshi's Mimi's) are captured and lazy tables are built now,
+        not while a first caller's frames pile up behind them (seconds on a GPU). Rows that do
+        not execute keep their state, and each row is reset when a conversation opens anyway."""
+        idle = self._row_mask([], self._exec_host, self._exec_dev)
+        self.mimi.set_exec_mask(idle)
+        codes = self.mimi.encode(self._pcm_in)[:, :, 0]
+        out = self.lm.step(codes, idle).tokens
+        self.mimi.decode(out[:, 1:].clamp(min=0).unsqueeze(-1))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
     def tick(self, frames: dict[int, np.ndarray | torch.Tensor],
              owners: dict[int, Slot] | None = None) -> dict[int, FrameOut]:
         """Advance the slots in `frames` (each a [1920] float32 24 kHz frame) by one step.

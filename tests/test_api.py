@@ -136,6 +136,16 @@ async def test_a_sender_waiting_for_room_is_released_by_close(agent):
         await asyncio.wait_for(sender, 30)
 
 
+def test_a_failing_warm_up_is_raised_by_agent_load(monkeypatch):
+    from duplex_agent.agent.engine import Engine
+
+    def broken(self):
+        raise RuntimeError("simulated: no kernel image for this device")
+    monkeypatch.setattr(Engine, "warm_up", broken)
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        Agent.load("tiny-random", device="cpu", max_conversations=1)
+
+
 async def test_failing_tick_ends_only_its_conversations(agent):
     victim = agent.open()
     # One frame through first: ticks run one at a time on the engine thread, so once this frame's

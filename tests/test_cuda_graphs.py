@@ -103,3 +103,14 @@ def test_engine_isolation_on_cuda():
                 i += 1
     for a, b in zip(alone, outs):
         assert a.text_id == b.text_id and np.array_equal(a.pcm, b.pcm), f"step {a.step}"
+
+
+def test_agent_load_captures_the_graph_before_any_conversation():
+    """The warm-up in Agent.load: the first conversation does not wait for Triton compiles and
+    graph capture."""
+    from duplex_agent.agent.api import Agent
+    agent = Agent.load("tiny-random", device="cuda", max_conversations=2)
+    try:
+        assert agent.engine.lm._graph is not None and agent._driver.ticks == 0
+    finally:
+        agent.close()

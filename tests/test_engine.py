@@ -96,6 +96,23 @@ def test_reused_slot_carries_no_trace(bundle):
     assert_same(alone, [engine.tick({row: f})[row] for f in mine])
 
 
+def test_warm_up_leaves_every_conversation_as_it_was(bundle):
+    """Agent.load warms the engine up (kernels, graphs) before the first conversation; the same
+    idle tick in the middle of a live conversation must not change a token or a sample of it."""
+    sampling = SamplingConfig(seed=77)
+    mine = speech_frames(seed=404)
+    alone = run_alone(bundle, mine, sampling)
+    engine = fresh_engine(bundle)
+    engine.warm_up()
+    row = engine.open(sampling)
+    outs = []
+    for k, frame in enumerate(mine):
+        if k % 7 == 3:
+            engine.warm_up()
+        outs.append(engine.tick({row: frame})[row])
+    assert_same(alone, outs)
+
+
 def test_full_engine_refuses(bundle):
     engine = fresh_engine(bundle, slots=2)
     engine.open()
