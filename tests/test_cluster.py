@@ -344,7 +344,10 @@ async def test_a_dead_replica_spares_the_other_ones_conversations(cluster, sessi
         assert client.result.received_frames < frames
     for client in spared:  # untouched: the very same text and audio as without the fault
         assert client.result.received_frames == frames, client.result
-        assert "".join(client.text) == expected_text
+
+        async def whole_text(client=client) -> bool:  # a step's text follows its audio
+            return "".join(client.text) == expected_text
+        assert await wait_until(whole_text, 5), ("".join(client.text), expected_text)
         pcm = np.concatenate(client.pcm)
         assert np.array_equal(pcm, expected_pcm), (len(pcm), len(expected_pcm))
 
