@@ -25,6 +25,22 @@ FRAME_BYTES = 1200
 FRAME_S = 0.08
 
 
+def _serve_forever(handler, port_out) -> None:
+    """Serve `handler` at /api/chat on a free local port (put on `port_out`) until killed."""
+    from aiohttp import web
+
+    async def main():
+        app = web.Application()
+        app.router.add_get("/api/chat", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port_out.put(runner.addresses[0][1])
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
 def _echo_server(port_out) -> None:
     from aiohttp import web
 
@@ -36,23 +52,13 @@ def _echo_server(port_out) -> None:
             await ws.send_bytes(msg.data)
         return ws
 
-    async def main():
-        app = web.Application()
-        app.router.add_get("/api/chat", echo)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        port_out.put(runner.addresses[0][1])
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    _serve_forever(echo, port_out)
 
 
 def _gateway(upstream: str, port_out) -> None:
     """The real relay in front of the echo server; only the Serve hold is left out (it is taken
     once per conversation, not per frame)."""
     import aiohttp
-    from aiohttp import web
 
     from duplex_agent.streams.cluster_gateway import Gateway
     from duplex_agent.streams.security import Policy
@@ -66,19 +72,15 @@ def _gateway(upstream: str, port_out) -> None:
     async def reserve_slot(client, transport):
         return EchoHold()
 
-    async def main():
-        gateway = Gateway(None, None, 1000, Policy(idle_timeout_s=None), "token")
-        gateway.reserve_slot = reserve_slot
-        gateway.session = aiohttp.ClientSession()
-        app = web.Application()
-        app.router.add_get("/api/chat", gateway.handle_websocket)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        port_out.put(runner.addresses[0][1])
-        await asyncio.Event().wait()
+    gateway = Gateway(None, None, 1000, Policy(idle_timeout_s=None), "token")
+    gateway.reserve_slot = reserve_slot
 
-    asyncio.run(main())
+    async def relay(request):
+        if gateway.session is None:  # made on the serving loop
+            gateway.session = aiohttp.ClientSession()
+        return await gateway.handle_websocket(request)
+
+    _serve_forever(relay, port_out)
 
 
 async def _client(session, url: str, duration_s: float, rtts: list[float]) -> None:

@@ -272,26 +272,26 @@ class Gateway:
     async def _relay(self, ws, upstream, hold: Hold, moshi: bool) -> None:
         from aiohttp import WSCloseCode, WSMsgType
 
+        async def forward(msg, to) -> None:
+            if msg.type == WSMsgType.BINARY:
+                await to.send_bytes(msg.data)
+            elif msg.type == WSMsgType.TEXT:
+                await to.send_str(msg.data)
+
         async def down() -> str:  # replica -> client, as it comes
             async for msg in upstream:
                 try:
-                    if msg.type == WSMsgType.BINARY:
-                        await ws.send_bytes(msg.data)
-                    elif msg.type == WSMsgType.TEXT:
-                        await ws.send_str(msg.data)
+                    await forward(msg, ws)
                 except ConnectionError:
                     return "client"
             return "replica"
 
         async def up() -> str:  # client -> replica; ends on the client's close or a broken frame
             async for msg in ws:
+                if msg.type == WSMsgType.ERROR:
+                    break
                 try:
-                    if msg.type == WSMsgType.BINARY:
-                        await upstream.send_bytes(msg.data)
-                    elif msg.type == WSMsgType.TEXT:
-                        await upstream.send_str(msg.data)
-                    elif msg.type == WSMsgType.ERROR:
-                        break
+                    await forward(msg, upstream)
                 except ConnectionError:  # the replica's connection broke under our feet
                     return "replica"
             return "client"

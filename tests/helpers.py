@@ -26,6 +26,17 @@ def espeak(text: str, voice: str, path, rate: int) -> np.ndarray:
     return soxr.resample(pcm, rate_in, rate).astype(np.float32)
 
 
+def espeak_frames(text: str, voice: str, path, frames: int) -> np.ndarray:
+    """espeak-ng speech at 24 kHz, zero-padded or cut to exactly `frames` 80 ms frames; skips the
+    test where espeak-ng is not installed."""
+    from duplex_agent.agent.config import FRAME_SIZE, SAMPLE_RATE
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    pcm = espeak(text, voice, path, SAMPLE_RATE)
+    n = frames * FRAME_SIZE
+    return np.pad(pcm, (0, max(0, n - len(pcm))))[:n]
+
+
 async def start_serve(*args: str, scheme: str = "http"):
     """Start `run_agent.py serve ARGS` and wait for its banner; returns (process, base URL,
     everything it printed so far)."""

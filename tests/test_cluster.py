@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import pytest
 
 from duplex_agent.agent.config import FRAME_SIZE, SAMPLE_RATE
 from duplex_agent.streams.loadtest import ClientResult, MoshiClient
-from tests.helpers import ROOT, espeak
+from tests.helpers import ROOT, espeak_frames
 
 pytest.importorskip("ray.serve")
 
@@ -101,12 +100,8 @@ async def session():
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> np.ndarray:
     """2 s of espeak-ng speech, 24 kHz, whole frames."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
-    pcm = espeak("Hello, who are you? Tell me about the weather.", "en",
-                 tmp_path_factory.mktemp("speech") / "s.wav", SAMPLE_RATE)
-    n = 25 * FRAME_SIZE
-    return np.pad(pcm, (0, max(0, n - len(pcm))))[:n]
+    return espeak_frames("Hello, who are you? Tell me about the weather.", "en",
+                         tmp_path_factory.mktemp("speech") / "s.wav", 25)
 
 
 async def stats(session, cluster) -> dict:

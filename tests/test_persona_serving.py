@@ -10,6 +10,7 @@ driven by headless Chromium in tests/test_browser.py.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -28,7 +29,7 @@ from aiohttp import web
 from duplex_agent.agent.api import Agent
 from duplex_agent.agent.config import FRAME_SIZE, SAMPLE_RATE
 from duplex_agent.streams.server import create_app
-from tests.helpers import espeak, needs_pulse
+from tests.helpers import espeak_frames, needs_pulse
 from tests.test_server_ws import Client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,38 +58,37 @@ def plain_agent():
     agent.close()
 
 
-async def _serve(agent, policy=None):
+@contextlib.asynccontextmanager
+async def serving(agent, policy=None):
+    """`agent` served on a free local port; yields its base URL."""
     runner = web.AppRunner(create_app(agent, policy=policy))
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 @pytest.fixture
 async def server(agent):
-    runner, url = await _serve(agent)
-    yield url
-    await runner.cleanup()
+    async with serving(agent) as url:
+        yield url
     assert agent.active == 0
 
 
 @pytest.fixture
 async def plain_server(plain_agent):
-    runner, url = await _serve(plain_agent)
-    yield url
-    await runner.cleanup()
+    async with serving(plain_agent) as url:
+        yield url
     assert plain_agent.active == 0
 
 
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> np.ndarray:
     """1 s of espeak-ng speech at 24 kHz, a whole number of frames."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
-    pcm = espeak("Hello, I would like to book a cleaning.", "en-us",
-                 tmp_path_factory.mktemp("speech") / "s.wav", SAMPLE_RATE)
-    n = 12 * FRAME_SIZE
-    return np.pad(pcm, (0, max(0, n - len(pcm))))[:n]
+    return espeak_frames("Hello, I would like to book a cleaning.", "en-us",
+                         tmp_path_factory.mktemp("speech") / "s.wav", 12)
 
 
 def personaplex_query(voice: str, text: str) -> dict:
@@ -125,14 +125,11 @@ async def test_voices_listing(server, plain_server, session):
 async def test_voices_listing_takes_the_token(agent, session):
     """Behind --auth-token like /api/stats; the page passes its ?token= on."""
     from duplex_agent.streams.security import Policy
-    runner, url = await _serve(agent, Policy(auth_token="s3cret"))
-    try:
+    async with serving(agent, Policy(auth_token="s3cret")) as url:
         async with session.get(f"{url}/api/voices") as r:
             assert r.status == 401
         async with session.get(f"{url}/api/voices?token=s3cret") as r:
             assert r.status == 200 and (await r.json())["voices"] == VOICES
-    finally:
-        await runner.cleanup()
 
 
 # -- Moshi's websocket with PersonaPlex's parameters -----------------------------------------------
@@ -367,8 +364,7 @@ async def test_voice_prompt_dir_and_voice_files(tmp_path, speech_wav, session, c
     agent = Agent.load("tiny-random-personaplex", device="cpu", max_conversations=1,
                        voice_prompt_dir=args.voice_prompt_dir)
     try:
-        runner, url = await _serve(agent)
-        try:
+        async with serving(agent) as url:
             async with session.get(f"{url}/api/voices") as r:
                 assert await r.json() == {"personas": True,
                                           "voices": ["NATF0.pt", "VARM2.pt", "desk.wav"]}
@@ -379,8 +375,6 @@ async def test_voice_prompt_dir_and_voice_files(tmp_path, speech_wav, session, c
             assert client.messages[0] == b"\x00", client.errors
             assert agent.conversations()[0].voice_prompt == "desk.wav"
             await client.close()
-        finally:
-            await runner.cleanup()
     finally:
         agent.close()
 

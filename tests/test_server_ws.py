@@ -6,17 +6,13 @@ conversation slots. Clients speak Ogg/Opus with sphn, as the moshi web client do
 """
 import asyncio
 import json
-import shutil
 import signal
-import subprocess
 import sys
 import time
 
 import aiohttp
 import numpy as np
 import pytest
-import soundfile
-import soxr
 import sphn
 from aiohttp import web
 
@@ -24,7 +20,7 @@ from duplex_agent.agent.api import Agent
 from duplex_agent.agent.config import FRAME_SIZE, SAMPLE_RATE
 from duplex_agent.streams.security import refuse_full
 from duplex_agent.streams.server import create_app
-from tests.helpers import start_serve
+from tests.helpers import espeak_frames, start_serve
 
 CAPACITY = 3
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
@@ -40,15 +36,9 @@ def agent():
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> np.ndarray:
     """3 s of real speech: 24 kHz mono float32, a whole number of frames."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
-    wav = tmp_path_factory.mktemp("speech") / "speech.wav"
-    subprocess.run(["espeak-ng", "-w", str(wav), "Hello, who are you? Tell me about the weather "
-                    "in Paris today, please."], check=True, capture_output=True)
-    pcm, rate = soundfile.read(wav, dtype="float32")
-    pcm = soxr.resample(pcm, rate, SAMPLE_RATE).astype(np.float32)
-    n = 3 * SAMPLE_RATE // FRAME_SIZE * FRAME_SIZE
-    return np.pad(pcm, (0, max(0, n - len(pcm))))[:n]
+    return espeak_frames("Hello, who are you? Tell me about the weather in Paris today, please.",
+                         "en", tmp_path_factory.mktemp("speech") / "speech.wav",
+                         3 * SAMPLE_RATE // FRAME_SIZE)
 
 
 @pytest.fixture
