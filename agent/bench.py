@@ -26,7 +26,7 @@ from pathlib import Path
 MOSHIKO_BYTES_PER_STEP = 7.37e9 * 2
 
 
-def register(sub, add_checkpoint_args, add_sampling_args) -> None:
+def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmark ticks vs active conversations, ours and moshi's")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--sessions", default=None,
@@ -168,7 +168,8 @@ def session_counts(sessions: list[int | str], fit: int, max_cap: int | None = No
 
 def _model_factory(device):
     from duplex_agent.agent.config import SamplingConfig
-    from duplex_agent.checkpoints.loader import AgentBundle, load_checkpoint
+    from duplex_agent.checkpoints.bundle import AgentBundle
+    from duplex_agent.checkpoints.loader import load_checkpoint
     if device.type != "cuda":
         base = load_checkpoint("tiny-random", device)
 

@@ -51,7 +51,8 @@ def _real(device):
     from moshi.models import loaders
 
     from duplex_agent.agent.bench import random_moshiko_lm
-    from duplex_agent.checkpoints.loader import AgentBundle, load_checkpoint
+    from duplex_agent.checkpoints.bundle import AgentBundle
+    from duplex_agent.checkpoints.loader import load_checkpoint
     from duplex_agent.checkpoints.personaplex import SILENCE_CODES, SINE_CODES, VoicePrompt
     model = random_moshiko_lm(device)
     cfg = model.cfg

@@ -22,7 +22,7 @@ from duplex_agent.agent.config import FRAME_SIZE, SamplingConfig
 from duplex_agent.agent.lm_gen import LMGen
 from duplex_agent.agent.text import PieceTable, TextDecoder
 from duplex_agent.agent.persona import DEFAULT_PROMPT_CACHE_BYTES, Prompt, PromptCache, prefill
-from duplex_agent.checkpoints.loader import AgentBundle
+from duplex_agent.checkpoints.bundle import AgentBundle
 from duplex_agent.checkpoints.quantize import weight_bytes
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import numpy as np
 from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, SamplingConfig
 from duplex_agent.agent.engine import Engine
 from duplex_agent.agent.persona import Prompt
-from duplex_agent.streams.audio_file import write_wav
+from duplex_agent.agent.audio_file import AudioInputError, read_mono, write_wav
 
 
 @dataclass
@@ -69,3 +69,42 @@ def run_file(engine: Engine, pcm: np.ndarray, out_path: str | Path,
         Path(transcript_path).write_text(  # UTF-8 as is: a Japanese transcript stays readable
             json.dumps(transcript.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return transcript
+
+
+def register(sub) -> None:
+    """The `file` command."""
+    from duplex_agent.agent.options import add_checkpoint_args, add_persona_args, add_sampling_args
+    f = sub.add_parser("file", help="offline conversation: the agent answers a recording")
+    f.set_defaults(func=run_file_command)
+    f.add_argument("input", help="input audio (WAV or anything libsndfile reads; any rate/channels)")
+    f.add_argument("output", help="output WAV: the agent's voice, 24 kHz mono")
+    f.add_argument("--transcript", help="write the agent's transcript as JSON here")
+    add_checkpoint_args(f)
+    add_persona_args(f)
+    add_sampling_args(f)
+
+
+def run_file_command(args) -> int:
+    import sys
+    import time
+
+    from duplex_agent.agent.engine import KV_CACHE_DTYPES
+    from duplex_agent.agent.options import sampling_from_args, voice_prompt_from_args, weight_options
+    from duplex_agent.agent.persona import persona_prompt
+    from duplex_agent.checkpoints.loader import load_checkpoint
+
+    pcm = read_mono(args.input, SAMPLE_RATE)  # fail on bad input before loading a 15 GB model
+    for out in (args.output, args.transcript):
+        if out and not Path(out).parent.resolve().is_dir():
+            raise AudioInputError(f"{out}: the folder {Path(out).parent} does not exist")
+    bundle = load_checkpoint(args.checkpoint, args.device, voice_prompt_dir=args.voice_prompt_dir,
+                             **weight_options(args))
+    prompt = persona_prompt(bundle, voice_prompt_from_args(args, bundle), args.text_prompt)
+    engine = Engine(bundle, max_sessions=1, kv_dtype=KV_CACHE_DTYPES[args.kv_cache])
+    t0 = time.perf_counter()
+    transcript = run_file(engine, pcm, args.output, args.transcript, sampling_from_args(args, bundle.sampling),
+                          on_piece=lambda s: print(s, end="", flush=True), prompt=prompt)
+    print()
+    n = len(transcript.pieces)
+    print(f"wrote {args.output} ({time.perf_counter() - t0:.1f} s, {n} text pieces)", file=sys.stderr)
+    return 0

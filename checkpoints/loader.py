@@ -19,6 +19,7 @@ import torch
 from duplex_agent.agent.config import LMConfig, SamplingConfig
 from duplex_agent.agent.model import MoshiLM
 from duplex_agent.checkpoints import personaplex
+from duplex_agent.checkpoints.bundle import AgentBundle
 from duplex_agent.checkpoints.personaplex import Personas
 from duplex_agent.checkpoints.registry import DEFAULT_CHECKPOINT, KNOWN, lookup
 
@@ -32,19 +33,6 @@ KYUTAI_TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
 
 class CheckpointError(Exception):
     """A checkpoint could not be found, fetched or understood. The message is for the user."""
-
-
-@dataclass
-class AgentBundle:
-    """Everything a running agent needs from a checkpoint."""
-    name: str
-    config: LMConfig
-    model: MoshiLM
-    mimi: torch.nn.Module  # moshi.models.compression.MimiModel
-    tokenizer: object  # sentencepiece.SentencePieceProcessor
-    sampling: SamplingConfig  # the checkpoint's default sampling (lm_gen_config)
-    builtin: bool = False  # True for tiny-random: random weights, speaks noise
-    personas: Personas | None = None  # voices of a persona-trained checkpoint (PersonaPlex)
 
 
 @dataclass(frozen=True)

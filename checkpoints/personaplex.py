@@ -10,9 +10,9 @@ differ from a Kyutai checkpoint:
   is recognised from tensor shapes, since PersonaPlex's `config.json` says nothing.
 * Voices: `voices.tgz` holds presets (`NATF0.pt` ...), each the reference's pre-summed input
   embeddings of a voice recording plus a snapshot of its 4-slot token ring; an audio file works
-  too and is Mimi-encoded here (`load_voice_prompt`). `Personas` lists and loads them by name.
+  too and is Mimi-encoded here (`load_voice`). `Personas` lists and loads them by name.
 
-This module does not import the loader (the loader imports it); its errors are `PersonaError`.
+This module imports neither the loader nor the bundle (both import it); its errors are `PersonaError`.
 """
 from __future__ import annotations
 
@@ -25,15 +25,11 @@ import tarfile
 import tempfile
 import threading
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from duplex_agent.agent.config import FRAME_SIZE, SAMPLE_RATE, LMConfig
-
-if TYPE_CHECKING:  # the loader imports this module; the bundle is only a type here
-    from duplex_agent.checkpoints.loader import AgentBundle
 
 PERSONAPLEX_REPO = "nvidia/personaplex-7b-v1"
 VOICES_ARCHIVE = "voices.tgz"
@@ -139,15 +135,9 @@ class VoicePrompt:
         return self.embeddings.shape[0] + 1 if self.embeddings is not None else self.codes.shape[0]
 
 
-def load_voice_prompt(path: str | Path, bundle: "AgentBundle") -> VoicePrompt:
-    """Load a voice file for `bundle`'s model: a PersonaPlex `.pt` preset, or an audio file
-    (wav/flac/ogg..., any rate and channel count). Raises PersonaError for anything unusable."""
-    personas = getattr(bundle, "personas", None)
-    encoder = personas.encoder if personas is not None else VoiceEncoder(bundle.mimi)
-    return _load_voice(Path(path), bundle.config, encoder)
-
-
-def _load_voice(path: Path, cfg: LMConfig, encoder: "VoiceEncoder") -> VoicePrompt:
+def load_voice(path: Path, cfg: LMConfig, encoder: "VoiceEncoder") -> VoicePrompt:
+    """A voice file for a model of config `cfg`: a PersonaPlex `.pt` preset, or an audio file
+    (wav/flac/ogg..., any rate and channel count) encoded by `encoder`. Raises PersonaError."""
     if not path.is_file():
         raise PersonaError(f"voice prompt {path.name}: no such file")
     if path.suffix.lower() == ".pt":
@@ -354,7 +344,7 @@ class Personas:
             name = alias
         with self._lock:
             if name not in self._loaded:
-                self._loaded[name] = _load_voice(self.directory / name, self.config, self.encoder)
+                self._loaded[name] = load_voice(self.directory / name, self.config, self.encoder)
             return self._loaded[name]
 
 
@@ -440,7 +430,7 @@ def _safe_untar(archive: Path, dest: Path) -> None:
                     f.write(block)
 
 
-__all__ = ["PersonaError", "VoicePrompt", "Personas", "VoiceEncoder", "load_voice_prompt",
+__all__ = ["PersonaError", "VoicePrompt", "Personas", "VoiceEncoder", "load_voice",
            "read_voice_preset", "encode_voice_audio", "read_voice_audio", "agent_steps_only",
            "is_personaplex_layout", "depformer_steps", "checkpoint_voices", "extract_voices",
            "cache_root", "filler_codes", "PRESET_NAMES", "PERSONAPLEX_REPO", "SILENCE_CODES",

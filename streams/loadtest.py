@@ -16,7 +16,7 @@ abnormal closes) and, when the server's /metrics answers, how its counters of dr
 skipped frames and refusals changed during the run.
 
 With `--protocol realtime` (and `--url ws://HOST:PORT/v1/realtime`) each client speaks the
-OpenAI Realtime protocol instead (streams/realtime.py): one 80 ms pcm16 `input_audio_buffer.append`
+OpenAI Realtime protocol instead (streams/realtime/session.py): one 80 ms pcm16 `input_audio_buffer.append`
 every 80 ms. The agent's audio then comes only while it speaks (one response per utterance), so
 output frames cannot be matched to input frames by count: the latency figure is the server's own,
 input frame complete -> its `response.output_audio.delta` sent, read from /api/stats after the run
@@ -360,7 +360,7 @@ def load_speech(wav: str | None = None, sentence: str = DEFAULT_SENTENCE):
     import numpy as np
 
     from duplex_agent.agent.config import FRAME_SIZE, SAMPLE_RATE
-    from duplex_agent.streams.audio_file import AudioInputError, read_mono
+    from duplex_agent.agent.audio_file import AudioInputError, read_mono
     if wav is None:
         if shutil.which("espeak-ng") is None:
             raise AudioInputError("espeak-ng is not installed: pass a recording with --wav")
@@ -377,7 +377,7 @@ def load_speech(wav: str | None = None, sentence: str = DEFAULT_SENTENCE):
 
 # -- command line ----------------------------------------------------------------------------------
 
-def register(subparsers, add_checkpoint_args, add_sampling_args) -> None:
+def register(subparsers) -> None:
     p = subparsers.add_parser("loadtest", help="hold N real-time websocket conversations with a "
                                                "server and report frame latency and losses")
     p.set_defaults(func=run_loadtest)

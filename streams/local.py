@@ -33,10 +33,10 @@ BLOCK_S = 0.020  # PortAudio callback block: small enough for low latency, few c
 STATUS_EVERY_S = 10.0
 
 
-def register(subparsers, add_checkpoint_args, add_sampling_args) -> None:
+def register(subparsers) -> None:
     p = subparsers.add_parser("local", help="live conversation with this machine's microphone "
                                             "and speakers")
-    from duplex_agent.agent.cli import add_persona_args
+    from duplex_agent.agent.options import add_checkpoint_args, add_persona_args, add_sampling_args
     from duplex_agent.streams.server import add_threads_arg
     add_checkpoint_args(p)
     add_persona_args(p)
@@ -96,7 +96,7 @@ def _run_local(args) -> int:
             raise UserError(f"--record {record}: cannot create the folder ({e.strerror})") from None
 
     from duplex_agent.agent.api import Agent
-    from duplex_agent.agent.cli import sampling_from_args, voice_prompt_from_args, weight_options
+    from duplex_agent.agent.options import sampling_from_args, voice_prompt_from_args, weight_options
     from duplex_agent.streams.server import set_torch_threads, settle_heap
     set_torch_threads(args.threads)
     agent = Agent.load(args.checkpoint, args.device, max_conversations=1,

@@ -7,8 +7,8 @@ Routes:
     GET  /api/voices JSON: a persona checkpoint's voices, {"personas": bool, "voices": [...]}
     GET  /metrics    Prometheus metrics (streams/metrics.py)
     POST /offer      WebRTC (streams/webrtc.py), when that module is present
-    GET  /v1/realtime        the OpenAI Realtime API, websocket (streams/realtime.py)
-    POST /v1/realtime/calls  the same over WebRTC (streams/realtime_call.py), with streams/webrtc.py
+    GET  /v1/realtime        the OpenAI Realtime API, websocket (streams/realtime/session.py)
+    POST /v1/realtime/calls  the same over WebRTC (streams/realtime/call.py), with streams/webrtc.py
 
 Every connection is one conversation of the shared `Agent`; a full server refuses at once
 (websocket: a 0x05 error; HTTP: `security.refuse_full`, status 503), it never queues. The admission rules
@@ -46,11 +46,11 @@ def create_app(agent, static_dir: Path = WEB_DIR, policy=None, profile_stages: b
     """The aiohttp application. `policy`: a streams.security.Policy (default: its defaults);
     `profile_stages`: time the engine's stages for /metrics (default: on CPU only);
     `utterance_rule`: how the Realtime API cuts the agent's stream into responses
-    (streams.realtime_events.UtteranceRule, default: its defaults)."""
+    (streams.realtime.events.UtteranceRule, default: its defaults)."""
     from aiohttp import web
 
     from duplex_agent.streams.metrics import Metrics
-    from duplex_agent.streams import realtime
+    from duplex_agent.streams.realtime import session as realtime
     from duplex_agent.streams.moshi_ws import MoshiChat
     from duplex_agent.streams.security import ConversationTracker, Policy, guard_middleware
 
@@ -116,7 +116,7 @@ def create_app(agent, static_dir: Path = WEB_DIR, policy=None, profile_stages: b
         log.warning("streams/webrtc.py not found: WebRTC (POST /offer) is disabled")
     else:
         webrtc.setup_routes(app, agent)
-        from duplex_agent.streams.realtime_call import add_call_route
+        from duplex_agent.streams.realtime.call import add_call_route
         add_call_route(app, realtime_api)
     if Path(static_dir).is_dir():  # last: the other routes take precedence over files
         app.router.add_static("/", static_dir)
@@ -177,9 +177,9 @@ def _shorten(text: str | None, limit: int = STATS_PROMPT_CHARS) -> str | None:
 
 # -- command line ----------------------------------------------------------------------------------
 
-def register(subparsers, add_checkpoint_args, add_sampling_args) -> None:
-    from duplex_agent.agent.cli import add_persona_args
-    # add_sampling_args is not used: each client chooses its sampling (moshi's query parameters).
+def register(subparsers) -> None:
+    from duplex_agent.agent.options import add_checkpoint_args, add_persona_args
+    # No sampling flags: each client chooses its sampling (moshi's query parameters).
     p = subparsers.add_parser("serve", help="serve the web client, Moshi's websocket and WebRTC")
     p.set_defaults(func=run_serve)
     add_listen_args(p)
@@ -200,12 +200,12 @@ def add_realtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def utterance_rule_from_args(args):
-    from duplex_agent.streams.realtime_events import UtteranceRule
+    from duplex_agent.streams.realtime.events import UtteranceRule
     return UtteranceRule(args.realtime_silence_dbfs, max(1, round(args.realtime_silence_ms / 80)))
 
 
 def add_listen_args(p: argparse.ArgumentParser) -> None:
-    """--host, --port, --max-sessions: shared by `serve` and `cluster` (streams/cluster.py)."""
+    """--host, --port, --max-sessions: shared by `serve` and `cluster` (streams/cluster/launcher.py)."""
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8998, help="default 8998; 0 picks a free port")
@@ -324,7 +324,7 @@ def run_serve(args) -> int:
     import sys
 
     from duplex_agent.agent.api import Agent
-    from duplex_agent.agent.cli import weight_options
+    from duplex_agent.agent.options import weight_options
     try:
         ssl_context = ssl_context_from_args(args)
     except ValueError as e:

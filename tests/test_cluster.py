@@ -385,7 +385,7 @@ def test_ctrl_c_stops_the_whole_cluster(cluster):
 def test_metrics_of_replicas_add_up():
     from prometheus_client.parser import text_string_to_metric_families
 
-    from duplex_agent.streams.cluster_gateway import merge_metrics
+    from duplex_agent.streams.cluster.gateway import merge_metrics
     from duplex_agent.streams.metrics import Metrics
     replicas = []
     for n in (1, 2):

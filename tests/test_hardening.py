@@ -435,7 +435,7 @@ def test_access_log_hides_the_token(caplog):
 
 
 def test_serve_flags(monkeypatch):
-    from duplex_agent.agent.cli import build_parser
+    from duplex_agent.cli import build_parser
     from duplex_agent.streams.server import policy_from_args
     monkeypatch.setenv("AGENT_AUTH_TOKEN", "from-env")
     args = build_parser().parse_args([

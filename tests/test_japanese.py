@@ -166,7 +166,7 @@ def test_ordinary_pieces_unchanged():
 # -- through the transports ------------------------------------------------------------------------
 
 def test_file_mode_transcript(ja_checkpoint, script, scripted_text, tmp_path, capsys):
-    from duplex_agent.agent.cli import main
+    from duplex_agent.cli import main
     frames, expected = script
     wav = tmp_path / "in.wav"
     soundfile.write(wav, synthetic_audio((len(frames) + 6) * FRAME_SIZE, seed=1).numpy(),

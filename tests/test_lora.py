@@ -163,7 +163,8 @@ def test_lora_then_int8(base_dir, adapter_dir, reference):
 
 
 def test_commands_take_quantize_and_lora():
-    from duplex_agent.agent.cli import build_parser, weight_options
+    from duplex_agent.agent.options import weight_options
+    from duplex_agent.cli import build_parser
     parser = build_parser()
     for argv in (["file", "in.wav", "out.wav"], ["serve"], ["local"]):
         args = parser.parse_args(argv + ["--quantize", "int8", "--lora", "a.safetensors"])

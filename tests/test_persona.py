@@ -13,7 +13,8 @@ from duplex_agent.agent.lm_gen import LMGen
 from duplex_agent.agent.persona import (PROMPT_SILENCE_FRAMES, max_prompt_frames, persona_prompt,
                                         prefill, text_prompt_tokens)
 from duplex_agent.checkpoints.loader import load_checkpoint
-from duplex_agent.checkpoints.personaplex import PersonaError, VoicePrompt, load_voice_prompt
+from duplex_agent.checkpoints.bundle import load_voice_prompt
+from duplex_agent.checkpoints.personaplex import PersonaError, VoicePrompt
 from duplex_agent.checkpoints.tiny_random import synthetic_audio
 
 TEXT = "Be kind."

@@ -304,7 +304,7 @@ def one_line_error(status: int, stderr: str) -> str:
 
 
 def test_file_with_a_persona(speech_wav, tmp_path, capsys):
-    from duplex_agent.agent.cli import main
+    from duplex_agent.cli import main
     out, tr = tmp_path / "out.wav", tmp_path / "out.json"
     status = main(["file", str(speech_wav), str(out), "--transcript", str(tr), "--checkpoint",
                    "tiny-random-personaplex", "--voice-prompt", "NATF0.pt", "--text-prompt",
@@ -318,7 +318,7 @@ def test_file_with_a_persona(speech_wav, tmp_path, capsys):
 @pytest.mark.parametrize("case", ["missing_file", "unknown_name", "malformed_pt", "not_audio",
                                   "plain_checkpoint"])
 def test_file_bad_voice_is_one_line_error(case, speech_wav, tmp_path, capsys):
-    from duplex_agent.agent.cli import main
+    from duplex_agent.cli import main
     checkpoint = "tiny-random-personaplex"
     if case == "missing_file":
         voice = tmp_path / "nope" / "voice.pt"
@@ -351,7 +351,7 @@ def test_file_bad_voice_is_one_line_error(case, speech_wav, tmp_path, capsys):
 async def test_voice_prompt_dir_and_voice_files(tmp_path, speech_wav, session, capsys):
     """`--voice-prompt-dir` replaces the checkpoint's voices (serve lists and serves exactly the
     folder's, a recording included); `file` takes a voice from such a folder or a file's path."""
-    from duplex_agent.agent.cli import build_parser, main
+    from duplex_agent.cli import build_parser, main
     from duplex_agent.checkpoints.tiny_random import write_tiny_voices
     presets = write_tiny_voices(tmp_path / "presets")
     voices = tmp_path / "voices"

@@ -24,8 +24,8 @@ from duplex_agent.agent.model import MoshiLM
 from duplex_agent.checkpoints import personaplex, tiny_random
 from duplex_agent.checkpoints.kyutai_format import moshi_to_disk
 from duplex_agent.checkpoints.loader import CheckpointError, load_checkpoint
-from duplex_agent.checkpoints.personaplex import (PRESET_NAMES, PersonaError, extract_voices,
-                                                  load_voice_prompt)
+from duplex_agent.checkpoints.bundle import load_voice_prompt
+from duplex_agent.checkpoints.personaplex import PRESET_NAMES, PersonaError, extract_voices
 from helpers import espeak, needs_espeak
 
 SEED = 7

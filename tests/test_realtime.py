@@ -22,7 +22,7 @@ from aiohttp import web
 
 from duplex_agent.agent.api import Agent, AudioOut, TextOut
 from duplex_agent.agent.config import FRAME_SIZE, SAMPLE_RATE
-from duplex_agent.streams.realtime_events import (AudioEncoder, UtteranceRule, decode_audio,
+from duplex_agent.streams.realtime.events import (AudioEncoder, UtteranceRule, decode_audio,
                                                   level_dbfs)
 from duplex_agent.streams.security import Policy
 from duplex_agent.streams.server import create_app

@@ -123,13 +123,9 @@ async def test_loadtest_command(tmp_path):
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     url = f"ws://127.0.0.1:{runner.addresses[0][1]}/api/chat"
     out = tmp_path / "report.json"
-    # The command as agent/cli.py runs it once streams.loadtest is among its COMMAND_MODULES.
-    command = ("import argparse, sys; from streams import loadtest; p = argparse.ArgumentParser(); "
-               "loadtest.register(p.add_subparsers(), None, None); a = p.parse_args(sys.argv[1:]); "
-               "sys.exit(a.func(a))")
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", command, "loadtest", "--url", url, "--clients", "3",
+            sys.executable, "run_agent.py", "loadtest", "--url", url, "--clients", "3",
             "--duration", "2", "--wav", str(wav), "--json", str(out),
             cwd=Path(__file__).resolve().parents[1], stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT)

@@ -22,8 +22,8 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-from duplex_agent.streams.realtime import CALLS_PATH, Fatal, RealtimeSession
-from duplex_agent.streams.realtime_events import ProtocolError, error_event, new_id
+from duplex_agent.streams.realtime.session import CALLS_PATH, Fatal, RealtimeSession
+from duplex_agent.streams.realtime.events import ProtocolError, error_event, new_id
 from duplex_agent.streams.security import refusal, refuse_full
 from duplex_agent.streams.webrtc import (CONNECT_TIMEOUT_S, AgentVoiceTrack, DataChannelOutbox,
                                          frame_to_mono)

@@ -1,6 +1,6 @@
 """The OpenAI Realtime protocol's pieces that do not touch the network: the session
 configuration and its validation, event shapes, audio codecs, and how the agent's continuous
-output stream is cut into responses. Used by streams/realtime.py.
+output stream is cut into responses. Used by streams/realtime/session.py.
 
 Field names and values follow the GA protocol as the official `openai` Python SDK types it
 (openai/types/realtime/).

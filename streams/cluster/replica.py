@@ -1,4 +1,4 @@
-"""The engine side of `run_agent.py cluster` (streams/cluster.py): what runs in each Ray Serve
+"""The engine side of `run_agent.py cluster` (streams/cluster/launcher.py): what runs in each Ray Serve
 replica.
 
 `EngineReplica` (the deployment's class) loads one `Agent` and serves it with `serve`'s own app

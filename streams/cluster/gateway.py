@@ -1,4 +1,4 @@
-"""The public side of `run_agent.py cluster` (streams/cluster.py): the gateway, in the `cluster`
+"""The public side of `run_agent.py cluster` (streams/cluster/launcher.py): the gateway, in the `cluster`
 process.
 
 It serves the web page; relays the websockets (`/api/chat`, `/v1/realtime`) to the replica that
@@ -18,7 +18,7 @@ from collections import Counter
 from contextlib import suppress
 from pathlib import Path
 
-from duplex_agent.streams.cluster_replica import TICKET_HEADER
+from duplex_agent.streams.cluster.replica import TICKET_HEADER
 from duplex_agent.streams.limits import MAX_REQUEST_LINE_BYTES
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ class Gateway:
             await _ws_error(ws, moshi, code, message)
             if moshi:
                 await ws.close()
-            else:  # as streams/realtime.py refuses
+            else:  # as streams/realtime/session.py refuses
                 await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=code.encode())
             return ws
 
@@ -458,7 +458,7 @@ async def _ws_error(ws, moshi: bool, code: str, message: str) -> None:
     import json
 
     from duplex_agent.streams.moshi_ws import KIND_ERROR
-    from duplex_agent.streams.realtime_events import error_event
+    from duplex_agent.streams.realtime.events import error_event
     with suppress(ConnectionError):
         if moshi:
             await ws.send_bytes(KIND_ERROR + message.encode())

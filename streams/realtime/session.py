@@ -4,7 +4,7 @@
 A product written against the Realtime API (the official SDKs, pipecat's or LiveKit's realtime
 services, telephony bridges) switches to this server by changing its base URL. The mapping of a
 full-duplex stream onto the protocol's request/response shape is in README.md ("Realtime API");
-the protocol's pieces (session config, codecs, utterance cutting) are in streams/realtime_events.py.
+the protocol's pieces (session config, codecs, utterance cutting) are in streams/realtime/events.py.
 
 - One Realtime session is one engine conversation, batched with all the others. On the websocket
   it opens at the first `input_audio_buffer.append`, with the session's `instructions` (text
@@ -39,7 +39,7 @@ from duplex_agent.agent.api import (AgentFull, AudioOut, ConversationClosed, Err
                                     percentile)
 from duplex_agent.agent.config import sampling_from_params
 from duplex_agent.agent.turns import TurnTaking
-from duplex_agent.streams.realtime_events import (AudioEncoder, ProtocolError, Response,
+from duplex_agent.streams.realtime.events import (AudioEncoder, ProtocolError, Response,
                                                   SessionConfig, UtteranceRule, Utterances,
                                                   decode_audio, error_event, new_id,
                                                   user_item_events, vad_timing)
@@ -552,7 +552,7 @@ async def _refuse(ws: web.WebSocketResponse, code: str, message: str,
 
 def setup_routes(app: web.Application, agent, policy, tracker, metrics,
                  rule: UtteranceRule | None = None) -> RealtimeEndpoint:
-    """Add GET /v1/realtime; streams/realtime_call.py adds the WebRTC route to the endpoint."""
+    """Add GET /v1/realtime; streams/realtime/call.py adds the WebRTC route to the endpoint."""
     endpoint = RealtimeEndpoint(agent, policy, tracker, metrics, rule)
     app.router.add_get(WS_PATH, endpoint.handle_ws)
 

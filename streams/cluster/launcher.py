@@ -6,7 +6,7 @@
 
 A layer above `serve`, not a second server:
 
-- Each Serve replica (`EngineReplica`, streams/cluster_replica.py) is one `Agent` (one engine,
+- Each Serve replica (`EngineReplica`, streams/cluster/replica.py) is one `Agent` (one engine,
   its slot table) served by the `serve` app itself (`server.create_app`) on its own port. Only the
   gateway knows the token that app requires. Its WebRTC peers use the replica's own UDP ports, so
   media never passes the gateway.
@@ -15,7 +15,7 @@ A layer above `serve`, not a second server:
   `max_ongoing_requests` = slots, Serve's router places each new conversation on a replica with a
   free slot (power of two choices among running, healthy replicas), its autoscaler sees slot
   occupancy, and its graceful shutdown drains a replica (it waits for the holds to end).
-- The gateway (streams/cluster_gateway.py, in this process) is the one public address: it relays
+- The gateway (streams/cluster/gateway.py, in this process) is the one public address: it relays
   the websockets, forwards WebRTC offers, sums the replicas' figures, and refuses at once, with
   `serve`'s refusal shapes, when every running replica's slots are held.
 
@@ -30,8 +30,8 @@ import os
 import secrets
 import sys
 
-from duplex_agent.streams.cluster_gateway import APP_NAME, DEPLOYMENT, Gateway
-from duplex_agent.streams.cluster_replica import NAMESPACE, EngineReplica, Registry
+from duplex_agent.streams.cluster.gateway import APP_NAME, DEPLOYMENT, Gateway
+from duplex_agent.streams.cluster.replica import NAMESPACE, EngineReplica, Registry
 from duplex_agent.streams.limits import DEFAULT_MAX_CONVERSATION_S
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,8 @@ def deploy(settings: dict, *, replicas: int | None, min_replicas: int | None = N
 
 # == command line ==================================================================================
 
-def register(subparsers, add_checkpoint_args, add_sampling_args) -> None:
-    from duplex_agent.agent.cli import add_persona_args
+def register(subparsers) -> None:
+    from duplex_agent.agent.options import add_checkpoint_args, add_persona_args
     from duplex_agent.streams.server import (_positive_int, add_listen_args, add_policy_args,
                                              add_realtime_args, add_threads_arg)
     p = subparsers.add_parser("cluster", help="serve what `serve` serves from many engines "
@@ -138,7 +138,7 @@ def run_cluster(args) -> int:
 
 def _settings(args, resources: dict) -> tuple[dict, int, float]:
     """What each replica is given, the replica count, and the GPUs per replica."""
-    from duplex_agent.agent.cli import weight_options
+    from duplex_agent.agent.options import weight_options
     from duplex_agent.streams.server import utterance_rule_from_args
     gpus = int(resources.get("GPU", 0))
     device = args.device or ("cuda" if gpus else "cpu")

@@ -1,10 +1,10 @@
 """What the cluster gateway's websocket relay adds per frame, without the engine's noise.
 
-    python -m duplex_agent.streams.bench_gateway [--clients 1,8,16,40] [--duration 10]
+    python -m duplex_agent.streams.cluster.bench [--clients 1,8,16,40] [--duration 10]
 
 An echo server stands in for a replica (it answers each message at once). N clients send a
 1.2 kB binary message every 80 ms (an Opus frame's size and pace) and time each echo, straight to
-the echo server and through the gateway's relay (`cluster_gateway.Gateway.handle_websocket`, the code
+the echo server and through the gateway's relay (`cluster.gateway.Gateway.handle_websocket`, the code
 every `/api/chat` frame passes). The difference is the relay's cost per frame, both directions.
 The echo server, the gateway and the clients run in three processes, as they would. Results go to
 bench/results/gateway-relay-cpu-STAMP.json; the end-to-end comparison with the engine in the loop
@@ -60,7 +60,7 @@ def _gateway(upstream: str, port_out) -> None:
     once per conversation, not per frame)."""
     import aiohttp
 
-    from duplex_agent.streams.cluster_gateway import Gateway
+    from duplex_agent.streams.cluster.gateway import Gateway
     from duplex_agent.streams.security import Policy
 
     class EchoHold:
@@ -112,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", default="1,8,16,40")
     parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "bench" / "results"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "bench" / "results"))
     args = parser.parse_args()
     ctx = multiprocessing.get_context("spawn")
     ports = ctx.Queue()
