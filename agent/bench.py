@@ -26,6 +26,10 @@ from pathlib import Path
 MOSHIKO_BYTES_PER_STEP = 7.37e9 * 2
 
 
+# --contexts: a name for each set of contexts; a comma-separated list works too.
+CONTEXT_CHOICES = {"empty": ["empty"], "full": ["full"], "both": ["empty", "full"]}
+
+
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmark ticks vs active conversations, ours and moshi's")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
@@ -33,8 +37,9 @@ def register(sub) -> None:
                    help="comma-separated conversation counts, `max` for the most that fit at full "
                         "context (default cpu: 1,2,4,8; cuda: 1,2,4,8,16,32,64)")
     p.add_argument("--max-cap", type=int, default=None, help="an upper bound for `max`")
-    p.add_argument("--contexts", default="empty,full",
-                   help="empty, full (every ring holding its whole window) or both")
+    p.add_argument("--contexts", default="both",
+                   help="empty, full (every ring holding its whole window), or both "
+                        "(same as empty,full)")
     p.add_argument("--steps", type=int, default=None, help="timed ticks per point")
     p.add_argument("--no-reference", action="store_true", help="skip the moshi library")
     p.add_argument("--kv-cache", choices=["auto", "fp8"], default="auto",
@@ -49,9 +54,9 @@ def run_bench(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     sessions = (args.sessions or ("1,2,4,8,16,32,64" if cuda else "1,2,4,8")).split(",")
-    contexts = args.contexts.split(",")
+    contexts = CONTEXT_CHOICES.get(args.contexts) or args.contexts.split(",")
     if not set(contexts) <= {"empty", "full"}:
-        raise SystemExit(f"--contexts takes empty, full or both, not {args.contexts!r}")
+        raise SystemExit(f"--contexts takes empty, full, both or empty,full; not {args.contexts!r}")
     steps = args.steps or (50 if cuda else 10)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

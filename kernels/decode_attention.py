@@ -88,7 +88,10 @@ if triton is not None:
         y = ax / step
         r = (y + 12582912.0) - 12582912.0  # 1.5 * 2^23: fp32 addition rounds y to an integer, RNE
         out = tl.minimum(r * step, 448.0)
-        return tl.where(x < 0, -out, out)
+        # The sign goes back as a bit, not by negation: compiled, `-out` is `0 - out`, which
+        # turns a negative value that rounds to zero into +0 where torch keeps -0 (seen on H200).
+        sign = x.to(tl.int32, bitcast=True) & -2147483648
+        return (out.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _decode_split_kernel(

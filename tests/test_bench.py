@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_cpu_tiny(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "run_agent.py"), "bench", "--device", "cpu",
-                        "--sessions", "1,2", "--steps", "2", "--out", str(tmp_path)],
+                        "--sessions", "1,2", "--steps", "2", "--contexts", "both", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=600, cwd=ROOT,
                        env=dict(os.environ, NO_TORCH_COMPILE="1"))
     assert r.returncode == 0, r.stderr
@@ -25,6 +25,18 @@ def test_bench_cpu_tiny(tmp_path):
         assert row["encode_p50_ms"] > 0 and row["lm_p50_ms"] > 0 and row["decode_p50_ms"] > 0
     assert result.with_suffix(".png").stat().st_size > 10_000
     assert "ours" in r.stdout and "moshi" in r.stdout
+
+
+def test_contexts_take_what_the_help_offers():
+    import pytest
+
+    from duplex_agent.cli import build_parser
+    parser = build_parser()
+    help_text = parser._subparsers._group_actions[0].choices["bench"].format_help()
+    assert "both" in help_text
+    with pytest.raises(SystemExit, match="--contexts takes empty, full, both"):
+        args = parser.parse_args(["bench", "--device", "cpu", "--contexts", "middle"])
+        args.func(args)
 
 
 def test_lm_floor_is_the_reference_figures():
