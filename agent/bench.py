@@ -137,7 +137,13 @@ def bench(device, sessions: list[int | str], steps: int, reference: bool = True,
             bundle = bundle_factory()
             try:
                 engine = Engine(bundle, n, kv_dtype=kv_dtype)
-                meta.update({k: engine.describe().get(k) for k in ("kv_cache", "cuda_graphs")})
+                engine.warm_up()  # as Agent.load does: the kernel self-check, graph capture
+                described = engine.describe()
+                meta.update({k: described.get(k) for k in ("kv_cache", "cuda_graphs")})
+                meta["kernel_paths"] = described["kernels"]
+                meta.setdefault("selfcheck_s", described["selfcheck_s"])  # the first: compiles
+                if described.get("cuda_graphs_why"):
+                    meta["cuda_graphs_why"] = described["cuda_graphs_why"]
                 for _ in range(n):
                     engine.open()
                 engine.profile = True

@@ -32,6 +32,10 @@ class EngineFull(Exception):
     """Every slot is taken."""
 
 
+class KernelCheckError(RuntimeError):
+    """AGENT_KERNELS=triton was asked for, and a Triton kernel failed its check on this device."""
+
+
 class CapacityError(ValueError):
     """More conversations were asked for than fit in the device's memory. The message says how
     many fit."""
@@ -186,18 +190,36 @@ class Engine:
         # Prefilled persona prompts, reused by the next conversation with the same persona.
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.last_timings: dict[str, float] = {}
+        self.selfcheck_seconds: float | None = None  # set by warm_up
 
     def describe(self) -> dict:
-        """What this engine runs on, for /api/stats and logs."""
-        from duplex_agent.kernels.dispatch import kernel_backend, use_triton
+        """What this engine runs on, for /api/stats and logs: `kernels` maps each kernel to the
+        implementation that runs ("triton" or "torch", with "why" for a fallback)."""
+        from duplex_agent.kernels.dispatch import kernel_backend, kernel_paths
         probe = self.lm.model.out_norm.alpha
         dtype = str(probe.dtype).removeprefix("torch.")
-        return {"checkpoint": self.bundle.name, "device": str(self.device), "dtype": dtype,
-                "weights": "int8" if self.cfg.quantize else dtype,
-                "weight_bytes": self.weight_bytes,
-                "kv_cache": str(self.lm.model.caches[0].k.dtype).removeprefix("torch."),
-                "kernels": "triton" if use_triton(probe) else "torch",
-                "kernels_setting": kernel_backend(), "cuda_graphs": self.lm.cuda_graph}
+        described = {"checkpoint": self.bundle.name, "device": str(self.device), "dtype": dtype,
+                     "weights": "int8" if self.cfg.quantize else dtype,
+                     "weight_bytes": self.weight_bytes,
+                     "kv_cache": str(self.lm.model.caches[0].k.dtype).removeprefix("torch."),
+                     "kernels": kernel_paths(self.device, self.kernel_shapes().kernels()),
+                     "kernels_setting": kernel_backend(), "cuda_graphs": self.lm.cuda_graph,
+                     "selfcheck_s": self.selfcheck_seconds}
+        if self.lm.graph_fallback:
+            described["cuda_graphs_why"] = self.lm.graph_fallback
+        return described
+
+    def kernel_shapes(self):
+        """The shapes and dtypes this engine's kernels run at (for the self-check)."""
+        from duplex_agent.kernels.selfcheck import KernelShapes
+        cfg, caches = self.cfg, self.lm.model.caches
+        return KernelShapes(
+            batch=self.max_sessions, dtype=self.lm.model.out_norm.alpha.dtype,
+            kv_dtype=caches[0].k.dtype, dim=cfg.dim, heads=cfg.num_heads, context=cfg.context,
+            max_period=cfg.max_period, ffn_hidden=cfg.ffn_hidden, dep_dim=cfg.depformer_dim,
+            dep_heads=cfg.depformer_num_heads, dep_context=cfg.dep_q,
+            dep_ffn_hidden=cfg.depformer_ffn_hidden, vocabularies=(cfg.text_card, cfg.card),
+            int8=cfg.quantize)
 
     # -- slot table ------------------------------------------------------------------------------
     @property
@@ -265,10 +287,14 @@ class Engine:
     # -- one tick --------------------------------------------------------------------------------
     @torch.no_grad()
     def warm_up(self) -> None:
-        """A tick's work with no row executing, before the first conversation: Triton compiles,
-        the CUDA graphs (the LM step's, moshi's Mimi's) are captured and lazy tables are built now,
-        not while a first caller's frames pile up behind them (seconds on a GPU). Rows that do
-        not execute keep their state, and each row is reset when a conversation opens anyway."""
+        """Before the first conversation: the kernel self-check, then a tick's work with no row
+        executing, so that Triton compiles, the CUDA graphs (the LM step's, moshi's Mimi's) are
+        captured and lazy tables are built now, not while a first caller's frames pile up behind
+        them (seconds on a GPU). Rows that do not execute keep their state, and each row is reset
+        when a conversation opens anyway. A step graph that cannot be captured falls back to
+        eager steps (an error where AGENT_CUDA_GRAPHS=1 forces graphs)."""
+        self.check_kernels()
+        self.lm.prepare_graph()
         idle = self._row_mask([], self._exec_host, self._exec_dev)
         self.mimi.set_exec_mask(idle)
         codes = self.mimi.encode(self._pcm_in)[:, :, 0]
@@ -276,6 +302,26 @@ class Engine:
         self.mimi.decode(out[:, 1:].clamp(min=0).unsqueeze(-1))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def check_kernels(self) -> None:
+        """Run each Triton kernel this engine will use once on its own shapes against its
+        reference (kernels/selfcheck.py). Under AGENT_KERNELS=auto a kernel that fails is
+        switched to its reference for this process, with one warning; forced Triton
+        (AGENT_KERNELS=triton) makes a failure a KernelCheckError."""
+        from duplex_agent.kernels import dispatch, selfcheck
+        shapes = self.kernel_shapes()
+        probe = torch.empty(0, device=self.device)
+        wanted = tuple(k for k in shapes.kernels() if dispatch.use_triton(probe, k))
+        t0 = time.perf_counter()
+        failed = [c for c in selfcheck.check_kernels(shapes, self.device, wanted) if not c.ok]
+        self.selfcheck_seconds = round(time.perf_counter() - t0, 3)
+        if failed and dispatch.kernel_backend() == "triton":
+            raise KernelCheckError("AGENT_KERNELS=triton, but " + "; ".join(
+                selfcheck.describe_failure(c) for c in failed))
+        for check in failed:
+            dispatch.fall_back(check.kernel, check.problem)
+            log.warning("%s: running its torch reference instead for this process",
+                        selfcheck.describe_failure(check))
 
     @torch.no_grad()
     def tick(self, frames: dict[int, np.ndarray | torch.Tensor],

@@ -11,6 +11,7 @@ is not yet past the delays returns -2 ("ungenerated") for its frame.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from duplex_agent.agent.model import MoshiLM
 from duplex_agent.agent.sampling import BatchSampler
 
 UNGENERATED = -2
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,9 +57,12 @@ class LMGen:
         self._user_codes = torch.zeros(batch, cfg.num_user_codebooks, dtype=torch.long, device=device)
         self._exec_mask = torch.zeros(batch, dtype=torch.bool, device=device)
         self._out = torch.full((batch, 1 + cfg.dep_q), UNGENERATED, dtype=torch.long, device=device)
+        setting = os.environ.get("AGENT_CUDA_GRAPHS", "auto").strip().lower()
         if cuda_graph is None:
-            cuda_graph = os.environ.get("AGENT_CUDA_GRAPHS", "1") != "0"
+            cuda_graph = setting != "0"
         self.cuda_graph = cuda_graph and device.type == "cuda"
+        self.graph_forced = setting == "1"  # a failed capture is then an error, not a fallback
+        self.graph_fallback: str | None = None  # why the step runs eagerly after all
         self._graph = None
 
     def reset(self, row: int, sampling: SamplingConfig = SamplingConfig()) -> int:
@@ -115,6 +121,22 @@ class LMGen:
         else:
             self._step()
         return StepOutput(self._out.clone())
+
+    def prepare_graph(self) -> None:
+        """Capture the step graph now (the engine's warm-up). If capture fails on this device,
+        steps run eagerly from now on, with a warning, unless AGENT_CUDA_GRAPHS=1 forced graphs."""
+        if not self.cuda_graph or self._graph is not None:
+            return
+        try:
+            self._capture()
+        except Exception as e:
+            if self.graph_forced:
+                raise
+            self._graph = None
+            self.cuda_graph = False
+            self.graph_fallback = f"capture failed: {type(e).__name__}: {str(e).strip()[:300]}"
+            log.warning("the LM step's CUDA graph could not be captured (%s); running it eagerly",
+                        self.graph_fallback)
 
     def _capture(self) -> None:
         """Warm up (Triton compiles, lazily built tables) and capture `_step` with no row

@@ -33,12 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     from duplex_agent.agent.audio_file import AudioInputError
-    from duplex_agent.agent.engine import CapacityError
+    from duplex_agent.agent.engine import CapacityError, KernelCheckError
     from duplex_agent.checkpoints.loader import CheckpointError
     from duplex_agent.checkpoints.personaplex import PersonaError
     try:
         return args.func(args)
-    except (CheckpointError, AudioInputError, CapacityError, PersonaError) as e:
+    except (CheckpointError, AudioInputError, CapacityError, KernelCheckError, PersonaError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

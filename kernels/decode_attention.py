@@ -292,5 +292,5 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     AGENT_KERNELS=triton forces Triton (CPU tensors need TRITON_INTERPRET=1);
     AGENT_KERNELS=torch forces the reference.
     """
-    impl = decode_attention_triton if use_triton(q) else decode_attention_ref
+    impl = decode_attention_triton if use_triton(q, "decode_attention") else decode_attention_ref
     return impl(q, k, v, k_cache, v_cache, positions, exec_mask, max_period)

@@ -1,5 +1,8 @@
 """Which implementation of a kernel runs: AGENT_KERNELS=auto (default: Triton on CUDA tensors,
-the torch reference elsewhere), triton (forced; CPU tensors need TRITON_INTERPRET=1), or torch."""
+the torch reference elsewhere), triton (forced; CPU tensors need TRITON_INTERPRET=1), or torch.
+
+Under `auto`, a kernel that failed the load-time self-check on this device (kernels/selfcheck.py)
+runs its torch reference for the rest of the process: `fall_back` records it and why."""
 from __future__ import annotations
 
 import os
@@ -11,6 +14,11 @@ try:
     import triton.language as tl
 except ImportError:  # e.g. macOS: only the torch references are available
     triton = tl = None
+
+# Every kernel the engine runs; each has a Triton version beside its torch reference.
+KERNELS = ("decode_attention", "rms_norm", "silu_gate", "embedding", "sampling", "int8_gemm")
+
+_fallbacks: dict[str, str] = {}  # kernel -> why it runs its reference in this process
 
 
 def require_triton() -> None:
@@ -26,6 +34,40 @@ def kernel_backend() -> str:
     return mode
 
 
-def use_triton(x: torch.Tensor) -> bool:
+def triton_by_default(device: torch.device) -> bool:
+    """`auto`'s rule before any self-check: Triton where it compiles (CUDA)."""
+    return device.type == "cuda" and triton is not None
+
+
+def use_triton(x: torch.Tensor, kernel: str) -> bool:
     mode = kernel_backend()
-    return mode == "triton" or (mode == "auto" and x.is_cuda and triton is not None)
+    if mode != "auto":
+        return mode == "triton"
+    return kernel not in _fallbacks and triton_by_default(x.device)
+
+
+def fall_back(kernel: str, why: str) -> None:
+    """Run `kernel`'s torch reference from now on in this process (under AGENT_KERNELS=auto)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    _fallbacks[kernel] = why
+
+
+def forget_fallbacks() -> None:
+    """Back to the rule alone (tests: each engine's self-check starts afresh)."""
+    _fallbacks.clear()
+
+
+def kernel_paths(device: torch.device, kernels=KERNELS) -> dict[str, dict[str, str]]:
+    """What runs for each kernel on `device`: {"path": "triton" | "torch"}, plus "why" for a
+    kernel that fell back to its reference."""
+    mode = kernel_backend()
+    paths = {}
+    for kernel in kernels:
+        if mode != "auto":
+            paths[kernel] = {"path": mode}
+        elif kernel in _fallbacks:
+            paths[kernel] = {"path": "torch", "why": _fallbacks[kernel]}
+        else:
+            paths[kernel] = {"path": "triton" if triton_by_default(device) else "torch"}
+    return paths

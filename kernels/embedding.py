@@ -61,5 +61,5 @@ def embed_add_triton(table: torch.Tensor, ids: torch.Tensor,
 
 def embed_add(table: torch.Tensor, ids: torch.Tensor, acc: torch.Tensor | None = None):
     """Triton on CUDA, the reference elsewhere; AGENT_KERNELS forces either."""
-    impl = embed_add_triton if use_triton(table) else embed_add_ref
+    impl = embed_add_triton if use_triton(table, "embedding") else embed_add_ref
     return impl(table, ids, acc)

@@ -87,5 +87,5 @@ def int8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Triton on CUDA, the reference elsewhere; AGENT_KERNELS forces either."""
-    impl = int8_linear_triton if use_triton(x) else int8_linear_ref
+    impl = int8_linear_triton if use_triton(x, "int8_gemm") else int8_linear_ref
     return impl(x, weight, scale)

@@ -72,5 +72,5 @@ def rms_norm_triton(x: torch.Tensor, alpha: torch.Tensor, eps: float,
 
 def rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float, add: torch.Tensor | None = None):
     """Triton on CUDA, the reference elsewhere; AGENT_KERNELS forces either."""
-    impl = rms_norm_triton if use_triton(x) else rms_norm_ref
+    impl = rms_norm_triton if use_triton(x, "rms_norm") else rms_norm_ref
     return impl(x, alpha, eps, add)

@@ -139,5 +139,5 @@ def sample(logits: torch.Tensor, temp: torch.Tensor, kth_logit: torch.Tensor,
            seed_key: torch.Tensor, counter: torch.Tensor, stream: int,
            greedy: torch.Tensor) -> torch.Tensor:
     """Triton on CUDA, the reference elsewhere; AGENT_KERNELS forces either (kernels/dispatch.py)."""
-    impl = sample_triton if use_triton(logits) else sample_ref
+    impl = sample_triton if use_triton(logits, "sampling") else sample_ref
     return impl(logits, temp, kth_logit, seed_key, counter, stream, greedy)

@@ -47,4 +47,4 @@ def silu_gate_triton(gate_up: torch.Tensor) -> torch.Tensor:
 
 def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
     """Triton on CUDA, the reference elsewhere; AGENT_KERNELS forces either."""
-    return silu_gate_triton(gate_up) if use_triton(gate_up) else silu_gate_ref(gate_up)
+    return silu_gate_triton(gate_up) if use_triton(gate_up, "silu_gate") else silu_gate_ref(gate_up)

@@ -21,6 +21,7 @@ as in the tests, can share a process. All names start with `duplex_`:
     prompt_cache_hits_total, prompt_cache_misses_total, prompt_cache_evictions_total
                                                   persona prompts whose prefill was reused, computed
     prompt_cache_bytes, prompt_cache_entries      host memory the prefilled prompts hold
+    kernel_path{kernel, path}                     1 for what each kernel runs: triton or torch
 
 Per-tick figures come from the engine driver's tick listeners, on the engine thread (prometheus
 metrics are thread-safe); per-conversation drops from the conversation tracker's sweep.
@@ -69,6 +70,12 @@ class _AgentCollector:
                                 "persona prompts", value=cache["bytes"])
         yield GaugeMetricFamily("duplex_prompt_cache_entries", "Prefilled persona prompts cached",
                                 value=cache["entries"])
+        kernels = GaugeMetricFamily("duplex_kernel_path", "1 for the implementation each kernel "
+                                    "runs (triton, or its torch reference)",
+                                    labels=["kernel", "path"])
+        for kernel, path in self.agent.engine.describe()["kernels"].items():
+            kernels.add_metric([kernel, path["path"]], 1)
+        yield kernels
 
 
 class Metrics:

@@ -357,8 +357,20 @@ async def serve(agent, host: str, port: int, policy=None, ssl_context=None,
         f"serving on {url} ({agent.max_conversations} conversations max; "
         f"{engine['checkpoint']} on {engine['device']}, {engine['dtype']}, weights "
         f"{engine['weights']} ({engine['weight_bytes'] / 1e9:.1f} GB), KV cache "
-        f"{engine['kv_cache']}, {engine['kernels']} kernels, CUDA graphs "
-        f"{'on' if engine['cuda_graphs'] else 'off'})"))
+        f"{engine['kv_cache']}, kernels {kernels_summary(engine['kernels'])}, CUDA graphs "
+        f"{'on' if engine['cuda_graphs'] else 'off'}"
+        f"{' (capture failed: eager)' if engine.get('cuda_graphs_why') else ''})"))
+
+
+def kernels_summary(paths: dict[str, dict]) -> str:
+    """One line for the banner: "triton", "torch", or "triton (torch: rms_norm)" after a
+    fallback (the warning at load said why)."""
+    on_torch = sorted(name for name, p in paths.items() if p["path"] == "torch")
+    if not on_torch:
+        return "triton"
+    if len(on_torch) == len(paths):
+        return "torch"
+    return f"triton (torch: {', '.join(on_torch)})"
 
 
 async def serve_until_signal(app, host: str, port: int, ssl_context, banner) -> None:

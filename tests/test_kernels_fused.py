@@ -13,6 +13,7 @@ triton = pytest.importorskip("triton")
 from duplex_agent.kernels.embedding import embed_add_ref, embed_add_triton  # noqa: E402
 from duplex_agent.kernels.rms_norm import rms_norm_ref, rms_norm_triton  # noqa: E402
 from duplex_agent.kernels.silu_gate import silu_gate_ref, silu_gate_triton  # noqa: E402
+from duplex_agent.kernels.selfcheck import FUSED_TOL  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -22,7 +23,7 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id
           pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(
               not CUDA, reason="bf16 tl ops are wrong in the Triton interpreter"))]
 # One rounding of the output may differ (fp32 statistics summed in another order).
-TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+TOL = FUSED_TOL  # the load-time self-check's
 
 
 def randn(gen, *shape, dtype, scale=1.0):

@@ -144,7 +144,10 @@ async def test_conversation_streams_audio_and_text(server, session, speech):
     stats = await get_stats(session, server)
     assert stats["active"] == 1 and stats["capacity"] == CAPACITY
     assert stats["engine"]["checkpoint"] == "tiny-random" and stats["engine"]["device"] == "cpu"
-    assert stats["engine"]["kv_cache"] == "float32" and stats["engine"]["kernels"] == "torch"
+    assert stats["engine"]["kv_cache"] == "float32"
+    # On CPU every kernel runs its torch reference, and the stats say so kernel by kernel.
+    assert stats["engine"]["kernels"] == {k: {"path": "torch"} for k in (
+        "decode_attention", "rms_norm", "silu_gate", "embedding", "sampling")}
     assert stats["engine"]["cuda_graphs"] is False
     (conv,) = stats["conversations"]
     assert conv["frames_in"] == len(speech) // FRAME_SIZE and conv["dropped_input_frames"] == 0
