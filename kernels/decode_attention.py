@@ -31,7 +31,11 @@ proportionally less.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -61,6 +65,52 @@ def default_block_n(capacity: int) -> int:
     # 64 keys x 128 dims keeps K and V tiles in registers with 4 warps; tiny caches
     # (the depth transformer's C=8) use a smaller tile, >= 16 to stay a safe Triton shape.
     return max(16, min(64, 1 << max(capacity - 1, 0).bit_length()))
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How one call is launched: keys per tile, splits of each row's window, and the Triton
+    launch options. `launch_config` picks one per shape and device."""
+    block_n: int
+    num_splits: int
+    num_warps: int = 4
+    num_stages: int = 3  # Triton's default
+    matrix: bool = False  # the tl.dot variant (_decode_split_dot_kernel)
+
+
+# Configurations measured on a device (python -m duplex_agent.kernels.tune_attention), one file
+# per device name: decode_attention-<device>.json beside this module, in tuned/.
+TUNED_DIR = Path(__file__).resolve().parent / "tuned"
+
+
+def tuned_table_path(device_name: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-")
+    return TUNED_DIR / f"decode_attention-{slug}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_entries(device_name: str) -> tuple[dict, ...]:
+    path = tuned_table_path(device_name)
+    if not path.is_file():
+        return ()
+    return tuple(json.loads(path.read_text())["entries"])
+
+
+def launch_config(B: int, H: int, C: int, D: int, dtype: torch.dtype, kv_dtype: torch.dtype,
+                  device: torch.device) -> LaunchConfig:
+    """The configuration measured fastest on this device for this shape (the nearest measured
+    batch size), else the heuristics (`default_block_n`, `choose_num_splits`)."""
+    if device.type == "cuda":
+        shape = {"dtype": str(dtype).removeprefix("torch."), "heads": H, "head_dim": D,
+                 "kv_dtype": str(kv_dtype).removeprefix("torch."), "capacity": C}
+        entries = [e for e in _tuned_entries(torch.cuda.get_device_name(device))
+                   if all(e[k] == v for k, v in shape.items())]
+        if entries:
+            best = min(entries, key=lambda e: abs(math.log2(e["batch"]) - math.log2(B)))
+            return LaunchConfig(best["block_n"], best["num_splits"], best["num_warps"],
+                                best["num_stages"], best.get("matrix", False))
+    block_n = default_block_n(C)
+    return LaunchConfig(block_n, choose_num_splits(B * H, C, _num_sms(device), block_n))
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,6 +242,117 @@ if triton is not None:
             tl.store(part_ml_ptr + part * 2 + 1, l_i)
 
     @triton.jit
+    def _decode_split_dot_kernel(
+        q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, exec_ptr, freq_ptr,
+        out_ptr, part_acc_ptr, part_ml_ptr,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+        stride_kcb, stride_kch, stride_kcc, stride_vcb, stride_vch, stride_vcc,
+        stride_ob, stride_oh,
+        C, num_splits, qk_scale,
+        D: tl.constexpr, ROPE: tl.constexpr, SINGLE_SPLIT: tl.constexpr, FP8_CACHE: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """`_decode_split_kernel` with both products on the matrix units: q is row 0 of a
+        BLOCK_M-row tile (the others zero), so `q @ K^T` and `p @ V` are `tl.dot`s whose tile
+        loads Triton pipelines (num_stages) instead of shuffle reductions over each tile. The
+        current step's key and value are never read from memory: they enter the online softmax
+        from registers, in the split whose range holds their slot."""
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        s = tl.program_id(2)
+        H = tl.num_programs(1)
+
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+        run = tl.load(exec_ptr + b) != 0
+        cur = pos % C
+        window = tl.where(run, tl.minimum(pos + 1, C), 0)
+        split_len = tl.cdiv(tl.cdiv(window, num_splits), BLOCK_N) * BLOCK_N
+        start = s * split_len
+        end = tl.minimum(start + split_len, window)
+
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        q_row = q_ptr + b * stride_qb + h * stride_qh
+        k_row = k_ptr + b * stride_kb + h * stride_kh
+        v_row = v_ptr + b * stride_vb + h * stride_vh
+        q = tl.load(q_row + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        k_new = tl.load(k_row + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        if ROPE:
+            partner = offs_d ^ 1
+            freq = tl.load(freq_ptr + offs_d // 2, mask=d_mask, other=0.0)
+            angle = pos.to(tl.float32) * freq
+            cos = tl.cos(angle)
+            sin = tl.where(offs_d % 2 == 0, -tl.sin(angle), tl.sin(angle))
+            q_p = tl.load(q_row + partner, mask=d_mask, other=0.0).to(tl.float32)
+            k_p = tl.load(k_row + partner, mask=d_mask, other=0.0).to(tl.float32)
+            q = q * cos + q_p * sin
+            k_new = k_new * cos + k_p * sin
+        in_ty = q_ptr.dtype.element_ty
+        cache_ty = kc_ptr.dtype.element_ty
+        q = q.to(in_ty)  # rounded as the reference stores it; exact as a dot operand
+        k_new = k_new.to(in_ty)
+        v_new = tl.load(v_row + offs_d, mask=d_mask, other=0.0)
+        if FP8_CACHE:
+            k_new = _round_to_e4m3(k_new.to(tl.float32))
+            v_new = _round_to_e4m3(v_new.to(tl.float32))
+        k_new = k_new.to(cache_ty)
+        v_new = v_new.to(cache_ty)
+        kc_row = kc_ptr + b * stride_kcb + h * stride_kch
+        vc_row = vc_ptr + b * stride_vcb + h * stride_vch
+        write = offs_d < tl.where(run & (s == 0), D, 0)
+        tl.store(kc_row + cur * stride_kcc + offs_d, k_new, mask=write)
+        tl.store(vc_row + cur * stride_vcc + offs_d, v_new, mask=write)
+
+        # The current key's score, and its value, seed the softmax of the split holding `cur`.
+        offs_m = tl.arange(0, BLOCK_M)
+        first = offs_m == 0
+        s_cur = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 0) * qk_scale
+        has_cur = (start <= cur) & (cur < end)
+        m_i = tl.where(first & has_cur, s_cur, -float("inf"))
+        l_i = tl.where(first & has_cur, 1.0, 0.0)
+        acc = tl.where((first & has_cur)[:, None], v_new.to(tl.float32)[None, :],
+                       tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32))
+        q_tile = tl.where(first[:, None], q[None, :], tl.zeros([BLOCK_M, BLOCK_D], dtype=in_ty))
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            use = (offs_n < end) & (offs_n != cur)
+            tile_mask = use[:, None] & d_mask[None, :]
+            k_t = tl.load(kc_row + offs_n[:, None] * stride_kcc + offs_d[None, :],
+                          mask=tile_mask, other=0.0).to(in_ty)
+            if IEEE:
+                scores = tl.dot(q_tile, tl.trans(k_t), input_precision="ieee")
+            else:
+                scores = tl.dot(q_tile, tl.trans(k_t))
+            scores = tl.where(use[None, :], scores * qk_scale, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with nothing yet
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(scores - m_safe[:, None])
+            v_t = tl.load(vc_row + offs_n[:, None] * stride_vcc + offs_d[None, :],
+                          mask=tile_mask, other=0.0).to(in_ty)
+            if IEEE:
+                pv = tl.dot(p.to(in_ty), v_t, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(in_ty), v_t)
+            acc = acc * alpha[:, None] + pv
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+
+        # Row 0 is the query's.
+        acc0 = tl.sum(tl.where(first[:, None], acc, 0.0), 0)
+        l0 = tl.sum(tl.where(first, l_i, 0.0), 0)
+        m0 = tl.max(tl.where(first, m_i, -float("inf")), 0)
+        if SINGLE_SPLIT:
+            out = acc0 / tl.where(l0 > 0, l0, 1.0)
+            tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d,
+                     out.to(out_ptr.dtype.element_ty), mask=d_mask)
+        else:
+            part = (b * H + h) * num_splits + s
+            tl.store(part_acc_ptr + part * D + offs_d, acc0, mask=d_mask)
+            tl.store(part_ml_ptr + part * 2, m0)
+            tl.store(part_ml_ptr + part * 2 + 1, l0)
+
+    @triton.jit
     def _decode_combine_kernel(
         part_acc_ptr, part_ml_ptr, out_ptr, stride_ob, stride_oh, num_splits,
         D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -223,11 +384,13 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             positions: torch.Tensor, exec_mask: torch.Tensor,
                             max_period: float | None = 10_000.0, *,
                             num_splits: int | None = None,
-                            block_n: int | None = None) -> torch.Tensor:
+                            block_n: int | None = None,
+                            config: LaunchConfig | None = None) -> torch.Tensor:
     """Triton version of `decode_attention_ref` (same arguments and semantics).
 
-    `num_splits` / `block_n` override the heuristics (tests and tuning). Updates
-    k_cache/v_cache in place and returns the output [B, H, D] in q's dtype.
+    `config` (default: `launch_config` for this shape and device) and `num_splits` / `block_n`
+    override what would be chosen (tests and tuning). Updates k_cache/v_cache in place and
+    returns the output [B, H, D] in q's dtype.
     """
     require_triton()
     B, H, C, D = k_cache.shape
@@ -246,10 +409,12 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if max_period is not None and D % 2:
         raise ValueError("RoPE needs an even head dimension")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    block_n = block_n or default_block_n(C)
+    config = config or launch_config(B, H, C, D, q.dtype, k_cache.dtype, q.device)
+    block_n = block_n or config.block_n
     if block_n & (block_n - 1):
         raise ValueError("block_n must be a power of two")
-    splits = num_splits or choose_num_splits(B * H, C, _num_sms(q.device), block_n)
+    splits = num_splits or (config.num_splits if block_n == config.block_n
+                            else choose_num_splits(B * H, C, _num_sms(q.device), block_n))
     block_d = triton.next_power_of_2(D)
     rope = max_period is not None
     freqs = rope_frequencies(D, float(max_period), q.device) if rope else positions  # unused if no RoPE
@@ -263,17 +428,21 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         part_ml = torch.empty(B, H, splits, 2, device=q.device, dtype=torch.float32)
     qk_scale = 1.0 / math.sqrt(D) * math.log2(math.e)  # softmax via exp2
 
-    _decode_split_kernel[(B, H, splits)](
-        q, k, v, k_cache, v_cache, positions, exec_mask, freqs,
-        out, part_acc, part_ml,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1),
-        C, splits, qk_scale,
-        D=D, ROPE=rope, SINGLE_SPLIT=single, FP8_CACHE=k_cache.dtype == FP8_DTYPE, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=4,
-    )
+    args = (q, k, v, k_cache, v_cache, positions, exec_mask, freqs, out, part_acc, part_ml,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            out.stride(0), out.stride(1), C, splits, qk_scale)
+    shapes = dict(D=D, ROPE=rope, SINGLE_SPLIT=single, FP8_CACHE=k_cache.dtype == FP8_DTYPE,
+                  BLOCK_N=block_n, BLOCK_D=block_d)
+    launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    if config.matrix:
+        if block_n < 16 or block_d < 16:
+            raise ValueError("the tl.dot variant needs block_n and the head dimension >= 16")
+        _decode_split_dot_kernel[(B, H, splits)](*args, **shapes, BLOCK_M=16,
+                                                  IEEE=q.dtype == torch.float32, **launch)
+    else:
+        _decode_split_kernel[(B, H, splits)](*args, **shapes, **launch)
     if not single:
         _decode_combine_kernel[(B, H)](
             part_acc, part_ml, out, out.stride(0), out.stride(1), splits,

@@ -147,11 +147,10 @@ def _attention(s: KernelShapes, device, gen, H, C, D, cache_dtype, max_period) -
     k_cache = _randn(gen, B, H, C, D, device=device, dtype=s.dtype).to(cache_dtype)
     v_cache = _randn(gen, B, H, C, D, device=device, dtype=s.dtype).to(cache_dtype)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    # The split count the engine's whole batch gets: the same kernel variant as in service.
-    block_n = decode_attention.default_block_n(C)
-    splits = decode_attention.choose_num_splits(s.batch * H, C, decode_attention._num_sms(device), block_n)
+    # The launch configuration the engine's whole batch gets: the same kernel variant as in service.
+    config = decode_attention.launch_config(s.batch, H, C, D, s.dtype, cache_dtype, device)
     got = decode_attention.decode_attention_triton(q, k, v, k_cache, v_cache, positions, exec_mask,
-                                                   max_period, num_splits=splits)
+                                                   max_period, config=config)
     want = decode_attention_ref(q, k, v, k_ref, v_ref, positions, exec_mask, max_period)
     run = exec_mask.cpu()
     fp8 = cache_dtype == FP8

@@ -91,6 +91,11 @@ def caption(path: Path, meta: dict) -> str:
     if "kv_cache" in meta:
         what.append(f"KV cache {meta['kv_cache']}, kernels {meta.get('kernels')}, "
                     f"CUDA graphs {'on' if meta.get('cuda_graphs') else 'off'}")
+    fallbacks = sorted(k for k, p in (meta.get("kernel_paths") or {}).items() if "why" in p)
+    if fallbacks:
+        what.append("fell back to torch at load: " + ", ".join(fallbacks))
+    if meta.get("selfcheck_s") is not None:
+        what.append(f"kernel self-check at load {meta['selfcheck_s']:.1f} s")
     if meta.get("copy_bandwidth_gbps"):
         what.append(f"measured copy bandwidth {meta['copy_bandwidth_gbps']:.0f} GB/s")
     text = f"`{path.name}`: " + "; ".join(str(w) for w in what if w) + "."
@@ -183,7 +188,27 @@ def sampling_table(folder: Path, device: str = "cuda") -> str:
         ["B", "vocab", "torch reference µs", "Triton µs", "x", "whole draw µs"], rows)
 
 
-KNOWN_PREFIXES = ("bench-", "attention-", "sampling-", "device-run-", "launches-", "loadtest-")
+def tuning_table(folder: Path, device: str = "cuda") -> str:
+    """The decode-attention tuning run: the fastest correct launch configuration per (KV dtype,
+    batch) against the heuristics' choice."""
+    path = newest(results_on(folder, "tune-attention-", device))
+    if path is None:
+        return NONE_YET
+    data = load(path)
+    rows = []
+    for e in data["meta"].get("best", []):
+        kind = "tl.dot" if e.get("matrix") else "rows"
+        base = e.get("heuristic_us")
+        rows.append([e["kv_dtype"], e["batch"], kind, e["block_n"], e["num_splits"], e["num_warps"],
+                     e["num_stages"], f"{e['us']:.1f}", f"{e['gbps']:.0f}",
+                     "-" if base is None else f"{base:.1f}", "-" if base is None else round(base / e["us"], 2)])
+    header = ["KV dtype", "B", "variant", "keys/tile", "splits", "warps", "stages", "best µs",
+              "GB/s", "heuristic µs", "x heuristic"]
+    return caption(path, data["meta"]) + table(header, rows, "--" + "-" + ":" * 8)
+
+
+KNOWN_PREFIXES = ("bench-", "attention-", "sampling-", "device-run-", "launches-", "loadtest-",
+                  "tune-attention-")
 
 
 def flatten(value, key: str = "") -> list[list]:
@@ -255,6 +280,7 @@ def loadtest_table(folder: Path, device: str = "cpu") -> str:
 
 
 TABLES = {"engine": engine_table, "variants": variants_table, "attention": attention_table,
+          "tuning": tuning_table,
           "sampling": sampling_table, "other": other_table, "device-run": device_run_table,
           "launches": launches_table, "loadtest": loadtest_table}
 

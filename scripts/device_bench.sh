@@ -21,14 +21,17 @@ cd "$(dirname "$0")/.."
 
 # One list, in priority order: name, budget in seconds, what the step brings back.
 STEPS=(
-    "setup 25 the carried wheels installed; GPU, driver and versions (env.json)"
-    "tests 110 GPU correctness tests: bf16 kernels vs references, CUDA graph == eager, no host sync, engine isolation on CUDA"
-    "engine 170 moshiko bf16, full context: our tick vs moshi's LMGen at 1, 8, 32 and the most conversations that fit; floor ratios"
-    "attention 40 attention kernel bandwidth at B = 1, 16, 32 x context 3000, L2 flushed; sampling kernel"
-    "fp8 70 float8 KV cache at the largest batches: engine at 32, 80 and the most that fit; attention at B = 32, 64"
-    "ablations 55 our engine on the torch kernels, then without CUDA graphs, at 1 and 32 conversations"
-    "int8 25 int8 GEMM (python -m duplex_agent.kernels.bench_int8_gemm), if the module exists"
-    "persona 45 persona prefill, 3 repeats (python -m duplex_agent.agent.bench_persona), if the module exists"
+    "setup 20 the carried wheels installed; GPU, driver and versions (env.json)"
+    "tests 90 GPU correctness tests: kernels (both attention variants, float8), the self-check's fallbacks, CUDA graph == eager, no host sync, engine isolation on CUDA"
+    "tune 120 decode-attention launch configurations timed at B = 1, 8, 32, 80, 160 (bf16 and float8 KV); the fastest correct ones become kernels/tuned/decode_attention-<GPU>.json, which the steps after it use"
+    "engine 70 moshiko bf16, full context: our tick vs moshi's LMGen at 1, 8, 32 and the most conversations that fit; floor ratios; the self-check's time at load"
+    "fp8 40 float8 KV cache at the largest batches: engine at 32, 80 and the most that fit; attention at B = 32, 64"
+    "attention 25 attention kernel bandwidth at B = 1, 16, 32 x context 3000, L2 flushed; sampling kernel"
+    "transcriber 40 the transcriber (stt-1b-en_fr shape) beside the dialogue model: tick at 1, 16, 64 conversations, with and without it, if bench has --transcriber"
+    "hibiki 40 Hibiki-Zero shape (GQA, 16 + 16 codebooks): tick at 1, 8, 32 and the most that fit, if bench has --model"
+    "ablations 40 our engine on the torch kernels, then without CUDA graphs, at 1 and 32 conversations"
+    "int8 15 int8 GEMM (python -m duplex_agent.kernels.bench_int8_gemm), if the module exists"
+    "persona 30 persona prefill, 3 repeats (python -m duplex_agent.agent.bench_persona), if the module exists"
 )
 SKIPPED=99  # a step's exit code for "nothing to run here"
 
@@ -69,7 +72,9 @@ collect() {  # DIR [RESULTS]: unpack a run's results.tgz, keep its results, refr
     local stamp
     stamp=$(cat "$tmp/results/stamp")
     find "$tmp/results" -mindepth 2 \( -name '*.json' -o -name '*.png' \) \
-        ! -name status.json ! -name env.json -exec cp {} "$results/" \;
+        ! -name status.json ! -name env.json ! -name 'decode_attention-*.json' -exec cp {} "$results/" \;
+    # The tuned launch configurations go where the kernel reads them.
+    find "$tmp/results" -mindepth 2 -name 'decode_attention-*.json' -exec cp {} "${TUNED_DIR:-kernels/tuned}/" \;
     "${PYTHON:-python3}" scripts/bench_tables.py --summarize-run "$tmp/results" \
         --out "$results/device-run-$stamp.json" || return 1
     [[ ! -f $from/log.txt ]] || cp "$from/log.txt" "$results/device-run-$stamp.log"
@@ -98,12 +103,16 @@ if [[ ${DEVICE_BENCH_DRY:-0} == 1 ]]; then
     SCALE=${DEVICE_BENCH_BUDGET_SCALE:-3}
     export SESSIONS=1,max MAX_CAP=2 FP8_SESSIONS=max FP8_CAP=2 ABLATE=1 STEPS_PER_POINT=2 REPEATS=1
     export ATT_B=--batches=1,2 ATT_FP8_B=--batches=2 ATT_CTX= PYTEST_SELECT="-k cuda"
+    export STT_SESSIONS=1,2 STT_MODEL=tiny-random-stt HIBIKI_SESSIONS=1,2
+    # The dry run's tuned table goes to a scratch folder, not into the package.
+    export TUNE_B=--batches=1,2 TUNE_TABLE="--table-dir=$(mktemp -d)"
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 else
     SCALE=${DEVICE_BENCH_BUDGET_SCALE:-1}
     export DRY=0 DEV=cuda KIND=cuda TINY= SESSIONS=1,8,32,max MAX_CAP= FP8_SESSIONS=32,80,max FP8_CAP=
     export ABLATE=1,32 STEPS_PER_POINT=30 REPEATS=3 ATT_B=--batches=1,16,32 ATT_FP8_B=--batches=32,64
-    export ATT_CTX=--contexts=3000 PYTEST_SELECT=
+    export ATT_CTX=--contexts=3000 PYTEST_SELECT= TUNE_B=--batches=32,80,1,8,160 TUNE_TABLE=
+    export STT_SESSIONS=1,16,64 STT_MODEL=stt-1b-en_fr-shape HIBIKI_SESSIONS=1,8,32,max
     export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}  # the carried wheels go to /tmp/site
 fi
 
@@ -134,7 +143,14 @@ step_tests() {
     # shellcheck disable=SC2086
     "$PY" -m pytest -v --tb=short -p no:cacheprovider -rfEs --durations=15 --junitxml="$1/junit.xml" $PYTEST_SELECT \
         tests/test_cuda_graphs.py tests/test_kernels.py tests/test_kernels_fused.py \
-        tests/test_kernels_sampling.py tests/test_sampling.py tests/test_parity.py
+        tests/test_kernels_sampling.py tests/test_sampling.py tests/test_parity.py tests/test_selfcheck.py
+}
+
+step_tune() {
+    # shellcheck disable=SC2086
+    # The table is rewritten (and copied here) after every batch: a cut-short step keeps it.
+    "$PY" -m duplex_agent.kernels.tune_attention "$1/tune-attention-$KIND-$STAMP.json" --device "$DEV" \
+        $TINY $TUNE_B $TUNE_TABLE --copy-to "$1"
 }
 
 engine_bench() {  # DIR [run_agent.py bench options...]: our engine on the real shape (tiny on CPU)
@@ -178,7 +194,17 @@ step_int8() {
     # shellcheck disable=SC2086
     "$PY" -m duplex_agent.kernels.bench_int8_gemm "$1/int8-gemm-$KIND-$STAMP.json" $TINY
 }
-export -f step_setup step_tests engine_bench step_engine step_attention step_fp8 step_ablations step_persona step_int8
+step_transcriber() {
+    "$PY" run_agent.py bench --help | grep -q -- --transcriber || { echo "bench has no --transcriber yet"; return "$SKIPPED"; }
+    engine_bench "$1" --no-reference --tag transcriber --sessions "$STT_SESSIONS" --transcriber "$STT_MODEL"
+}
+
+step_hibiki() {
+    "$PY" run_agent.py bench --help | grep -q -- "--model" || { echo "bench has no --model yet"; return "$SKIPPED"; }
+    engine_bench "$1" --no-reference --tag hibiki-zero --model hibiki-zero --sessions "$HIBIKI_SESSIONS"
+}
+export -f step_setup step_tests engine_bench step_engine step_attention step_fp8 step_ablations step_persona step_int8 \
+    step_tune step_transcriber step_hibiki
 
 pack() {  # every finished step so far, replacing the last archive only once the new one is whole
     tar czf "$OUT/results.tgz.part" -C "$WORK" results && mv -f "$OUT/results.tgz.part" "$OUT/results.tgz"

@@ -18,8 +18,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "device_bench.sh"
 RESULTS = ROOT / "bench" / "results"
-STEPS = ["setup", "tests", "engine", "attention", "fp8", "ablations", "int8", "persona"]
-OPTIONAL = {"persona": ROOT / "agent" / "bench_persona.py", "int8": ROOT / "kernels" / "bench_int8_gemm.py"}
+STEPS = ["setup", "tests", "tune", "engine", "fp8", "attention", "transcriber", "hibiki", "ablations",
+         "int8", "persona"]
+# Steps that run only once what they measure exists: a file, or a flag of `run_agent.py bench`.
+OPTIONAL = {"persona": ROOT / "agent" / "bench_persona.py", "int8": ROOT / "kernels" / "bench_int8_gemm.py",
+            "transcriber": "--transcriber", "hibiki": "--model"}
+
+
+def optional_exists(what) -> bool:
+    if isinstance(what, Path):
+        return what.exists()
+    from duplex_agent.cli import build_parser
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
+    return any(what in action.option_strings for action in bench._actions)
 # What a device run brings back: at most 8 files, no more than 2 folders down, plain names.
 MAX_FILES, NAME = 8, re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -109,18 +120,21 @@ def test_dry_run_brings_back_every_step(dry_run):
         data = json.load(tar.extractfile(engine[0]))
         junit = ET.parse(tar.extractfile("results/tests/junit.xml")).getroot()
     for step, status in statuses.items():
-        expected = "skipped" if step in OPTIONAL and not OPTIONAL[step].exists() else "ok"
+        expected = "skipped" if step in OPTIONAL and not optional_exists(OPTIONAL[step]) else "ok"
         assert status["status"] == expected, (step, status)
         assert status["seconds"] <= status["budget_s"]
     for kind in ("engine/bench-cpu-tiny-", "fp8/bench-cpu-tiny-fp8-",
                  "ablations/bench-cpu-tiny-torch-kernels-",
                  "ablations/bench-cpu-tiny-no-graphs-", "attention/attention-cpu-tiny-bf16-",
                  "attention/sampling-cpu-tiny-", "fp8/attention-cpu-tiny-fp8-", "tests/junit.xml",
-                 "setup/env.json"):
+                 "setup/env.json", "tune/tune-attention-cpu-tiny-", "tune/decode_attention-"):
         assert any(n.startswith(f"results/{kind}") for n in names), kind
     meta = data["meta"]
     assert meta["device"] == "cpu" and meta["device_name"] and meta["model"] == "tiny"
     assert meta["torch"] and meta["triton"] and meta["moshi"] and "driver" in meta
+    # What ran: each kernel's path, and how long the load-time self-check took.
+    assert set(meta["kernel_paths"]) >= {"decode_attention", "rms_norm", "sampling"}
+    assert meta["selfcheck_s"] is not None
     # "max" is the most conversations that fit, capped at 2 for the dry run; full context only.
     assert meta["conversations_that_fit"] >= 2 and meta["skipped"] == []
     assert sorted((row["impl"], row["sessions"], row["context"]) for row in data["rows"]) == [
@@ -139,7 +153,9 @@ def test_collect_fills_the_readme_tables(dry_run, tmp_path):
     # The README's GPU tables, pointed at the dry run's CPU files.
     readme = (RESULTS / "README.md").read_text().replace("device=cuda", "device=cpu")
     (results / "README.md").write_text(readme)
-    c = script("collect", str(out), str(results), timeout=120)
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    c = script("collect", str(out), str(results), timeout=120, TUNED_DIR=str(tuned))
     assert c.returncode == 0, c.stdout + c.stderr
     [summary] = results.glob("device-run-*.json")
     run = json.loads(summary.read_text())
@@ -149,8 +165,11 @@ def test_collect_fills_the_readme_tables(dry_run, tmp_path):
     assert summary.with_suffix(".log").read_text() == (out / "log.txt").read_text()
     filled = (results / "README.md").read_text()
     sections = dict(re.findall(r"<!-- table: ([^>\n]*?) -->\n(.*?)<!-- /table -->", filled, re.S))
+    # The tuned launch configurations went where the kernel reads them (here: TUNED_DIR).
+    assert len(list(tuned.glob("decode_attention-*.json"))) == 1
+    assert not list(results.glob("decode_attention-*.json"))
     for spec in ("device-run", "engine device=cpu", "variants device=cpu", "attention device=cpu",
-                 "sampling device=cpu"):
+                 "sampling device=cpu", "tuning device=cpu"):
         assert "No result yet" not in sections[spec], spec
     assert "| engine | ok |" in sections["device-run"]
     variants = sections["variants device=cpu"]

@@ -12,6 +12,7 @@ on a sanitised copy (NaN -> 0), because SDPA multiplies masked-out values by 0 a
 from __future__ import annotations
 
 import importlib
+import json
 import os
 
 import pytest
@@ -67,7 +68,8 @@ FP8_NAN = 0x7F
 
 
 def run_case(B, H, C, D, dtype, positions, exec_mask=None, max_period=10_000.0, *,
-             num_splits=None, block_n=None, seed=None, caches=None, cache_dtype=None):
+             num_splits=None, block_n=None, seed=None, caches=None, cache_dtype=None,
+             matrix=False):
     """One decode step with both implementations; checks output and both caches.
 
     `caches` optionally supplies (k_cache, v_cache) tensors (e.g. strided views) to fill;
@@ -77,7 +79,8 @@ def run_case(B, H, C, D, dtype, positions, exec_mask=None, max_period=10_000.0, 
     seed = fresh_seed() if seed is None else seed
     exec_mask = [True] * B if exec_mask is None else exec_mask
     ctx = (f"seed={seed} B={B} H={H} C={C} D={D} {dtype} positions={positions} "
-           f"exec={exec_mask} max_period={max_period} splits={num_splits} block_n={block_n}")
+           f"exec={exec_mask} max_period={max_period} splits={num_splits} block_n={block_n} "
+           f"matrix={matrix}")
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -114,8 +117,9 @@ def run_case(B, H, C, D, dtype, positions, exec_mask=None, max_period=10_000.0, 
     splits = num_splits or da.choose_num_splits(B * H, C, da._num_sms(torch.device(DEVICE)),
                                                  block_n or da.default_block_n(C))
     _poison_allocator((B, H, D), (B, H, splits, D), (B, H, splits, 2), device=DEVICE)
+    config = da.LaunchConfig(block_n or da.default_block_n(C), splits, matrix=matrix)
     out = da.decode_attention_triton(q, k, v, k_cache, v_cache, pos, ex, max_period,
-                                     num_splits=num_splits, block_n=block_n)
+                                     num_splits=num_splits, block_n=block_n, config=config)
     assert out.shape == (B, H, D) and out.dtype == dtype, ctx
 
     atol, rtol = OUT_TOL[FP8 if fp8 else dtype]
@@ -188,6 +192,30 @@ def test_strided_views():
     buf = torch.empty(2, B, H, C, D, device=DEVICE)
     run_case(B, H, C, D, torch.float32, positions=[1, 36, 90], caches=(buf[0], buf[1]),
              num_splits=2, block_n=16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matrix_variant(dtype):
+    """The tl.dot variant (LaunchConfig.matrix) on the cases above: odd sizes, wrap-around, the
+    first step with empty splits, a full long window, idle rows, the depth transformer, uneven
+    splits."""
+    run_case(3, 5, 37, 32, dtype, positions=[0, 20, 36], matrix=True)
+    run_case(3, 5, 37, 64, dtype, positions=[37, 37 * 4 + 11, 100_003], matrix=True)
+    run_case(2, 3, 37, 32, dtype, positions=[0, 0], num_splits=4, block_n=16, matrix=True)
+    run_case(1, 1, 3000, 32, dtype, positions=[7001], matrix=True)
+    run_case(5, 3, 37, 32, dtype, positions=[0, 5, 36, 40, 500],
+             exec_mask=[True, False, True, False, True], matrix=True)
+    run_case(4, 3, 8, 64, dtype, positions=[0, 3, 7, 42], max_period=None, matrix=True)
+    run_case(3, 2, 37, 32, dtype, positions=[3, 36, 37 * 2 + 30], num_splits=3, block_n=16,
+             matrix=True)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.bfloat16, id="bf16", marks=bf16_needs_gpu)])
+def test_matrix_variant_float8_cache(dtype):
+    run_case(4, 3, 37, 32, dtype, positions=[0, 20, 37 * 3 + 5, 90],
+             exec_mask=[True, True, True, False], cache_dtype=FP8, matrix=True)
+    run_case(1, 2, 3000, 64, dtype, positions=[7001], cache_dtype=FP8, matrix=True)
 
 
 FP8_QUERY_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
@@ -323,3 +351,28 @@ def test_bench_pure_python(capsys):
     if not CUDA:
         assert ba.main(["--batches", "1", "--contexts", "250"]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_launch_config_takes_the_nearest_tuned_batch(tmp_path, monkeypatch):
+    """A device's tuned table (kernels/tune_attention.py) decides the launch for its shapes, from
+    the entry of the nearest batch size; other shapes and devices keep the heuristics."""
+    entry = {"dtype": "bfloat16", "kv_dtype": "bfloat16", "heads": 32, "head_dim": 128,
+             "capacity": 3000, "num_warps": 8, "num_stages": 2}
+    table = {"device": "Some GPU", "entries": [
+        {**entry, "batch": 1, "block_n": 32, "num_splits": 16, "matrix": True},
+        {**entry, "batch": 32, "block_n": 64, "num_splits": 2, "matrix": False}]}
+    monkeypatch.setattr(da, "TUNED_DIR", tmp_path)
+    (tmp_path / "decode_attention-Some-GPU.json").write_text(json.dumps(table))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    da._tuned_entries.cache_clear()
+    try:
+        cuda = torch.device("cuda")
+        bf16 = torch.bfloat16
+        assert da.launch_config(2, 32, 3000, 128, bf16, bf16, cuda) == da.LaunchConfig(32, 16, 8, 2, True)
+        assert da.launch_config(20, 32, 3000, 128, bf16, bf16, cuda) == da.LaunchConfig(64, 2, 8, 2, False)
+        # Another KV dtype: no entry, the heuristics (which need the SM count).
+        monkeypatch.setattr(da, "_num_sms", lambda device: 132)
+        fp8 = da.launch_config(20, 32, 3000, 128, bf16, torch.float8_e4m3fn, cuda)
+        assert fp8 == da.LaunchConfig(64, da.choose_num_splits(20 * 32, 3000, 132, 64))
+    finally:
+        da._tuned_entries.cache_clear()

@@ -1,6 +1,6 @@
-"""The load-time kernel self-check (kernels/selfcheck.py, Engine.warm_up) and its fallbacks, on
-CPU: Triton kernels run in its interpreter, with `auto` made to choose Triton here as it does on
-a GPU. A kernel that fails to launch, one that computes wrong values, and a step graph that cannot
+"""The load-time kernel self-check (kernels/selfcheck.py, Engine.warm_up) and its fallbacks: on a
+GPU compiled, on CPU in Triton's interpreter, with `auto` made to choose Triton there as it does
+on a GPU. A kernel that fails to launch, one that computes wrong values, and a step graph that cannot
 be captured each fall back, with a warning and the reason in /api/stats and /metrics; forced
 choices (AGENT_KERNELS=triton, AGENT_CUDA_GRAPHS=1) make the same failures errors."""
 from __future__ import annotations
@@ -22,6 +22,7 @@ from duplex_agent.checkpoints.loader import load_checkpoint  # noqa: E402
 from duplex_agent.kernels import dispatch, rms_norm, selfcheck, silu_gate  # noqa: E402
 
 tl = triton.language
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @triton.jit
@@ -49,7 +50,7 @@ def triton_here(monkeypatch):
 
 
 def _engine(max_sessions: int = 2) -> Engine:
-    return Engine(load_checkpoint("tiny-random", "cpu"), max_sessions)
+    return Engine(load_checkpoint("tiny-random", DEVICE), max_sessions)
 
 
 def _talk(engine: Engine, frames: int = 3) -> None:
@@ -79,7 +80,7 @@ def test_a_kernel_that_fails_to_launch_falls_back(triton_here, monkeypatch, capl
     warnings = [r.getMessage() for r in caplog.records if "silu_gate" in r.getMessage()]
     assert len(warnings) == 1 and "torch reference" in warnings[0]
     assert paths["silu_gate"]["why"] in warnings[0]
-    assert not dispatch.use_triton(torch.zeros(1), "silu_gate")
+    assert not dispatch.use_triton(torch.zeros(1, device=DEVICE), "silu_gate")
     _talk(engine)  # the engine runs on, on the reference
 
 
@@ -137,7 +138,7 @@ async def test_stats_and_metrics_say_what_fell_back(triton_here, monkeypatch):
     from duplex_agent.agent.api import Agent
     from duplex_agent.streams.server import create_app, kernels_summary
     monkeypatch.setattr(silu_gate, "_silu_gate_kernel", _broken_silu_gate_kernel)
-    agent = Agent.load("tiny-random", device="cpu", max_conversations=1)
+    agent = Agent.load("tiny-random", device=DEVICE, max_conversations=1)
     runner = web.AppRunner(create_app(agent))
     try:
         await runner.setup()
