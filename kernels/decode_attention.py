@@ -96,10 +96,17 @@ def _tuned_entries(device_name: str) -> tuple[dict, ...]:
     return tuple(json.loads(path.read_text())["entries"])
 
 
+def heuristic_config(B: int, H: int, C: int, device: torch.device) -> LaunchConfig:
+    """What the heuristics choose where nothing was measured."""
+    block_n = default_block_n(C)
+    return LaunchConfig(block_n, choose_num_splits(B * H, C, _num_sms(device), block_n))
+
+
+@functools.lru_cache(maxsize=256)
 def launch_config(B: int, H: int, C: int, D: int, dtype: torch.dtype, kv_dtype: torch.dtype,
                   device: torch.device) -> LaunchConfig:
     """The configuration measured fastest on this device for this shape (the nearest measured
-    batch size), else the heuristics (`default_block_n`, `choose_num_splits`)."""
+    batch size), else the heuristics (`heuristic_config`)."""
     if device.type == "cuda":
         shape = {"dtype": str(dtype).removeprefix("torch."), "heads": H, "head_dim": D,
                  "kv_dtype": str(kv_dtype).removeprefix("torch."), "capacity": C}
@@ -109,8 +116,13 @@ def launch_config(B: int, H: int, C: int, D: int, dtype: torch.dtype, kv_dtype: 
             best = min(entries, key=lambda e: abs(math.log2(e["batch"]) - math.log2(B)))
             return LaunchConfig(best["block_n"], best["num_splits"], best["num_warps"],
                                 best["num_stages"], best.get("matrix", False))
-    block_n = default_block_n(C)
-    return LaunchConfig(block_n, choose_num_splits(B * H, C, _num_sms(device), block_n))
+    return heuristic_config(B, H, C, device)
+
+
+def forget_tuning() -> None:
+    """Read the tuned tables afresh (after a tuning run wrote one; tests)."""
+    _tuned_entries.cache_clear()
+    launch_config.cache_clear()
 
 
 @functools.lru_cache(maxsize=None)

@@ -71,7 +71,7 @@ def tune(batches, kv_dtypes, *, dtype=torch.bfloat16, heads=32, head_dim=128, ca
         want = decode_attention_ref(q, k, v, k_cache.clone(), v_cache.clone(), positions, exec_mask)
         nbytes = attention_bytes(B, H, C, D, dtype.itemsize, kv_dtype.itemsize)
         atol, rtol = ATTENTION_OUT_TOL[kv_dtype if kv_dtype == torch.float8_e4m3fn else dtype]
-        heuristic = da.launch_config(B, H, C, D, dtype, kv_dtype, device)
+        heuristic = da.heuristic_config(B, H, C, device)
         candidates = {da.LaunchConfig(bn, s, w, st, matrix)
                       for matrix, g in grid.items()
                       for bn, w, st in itertools.product(g["block_n"], g["num_warps"], g["num_stages"])
@@ -131,7 +131,7 @@ def write_table(best: list[dict], device_name: str, table_dir: Path | None = Non
                                 "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                                 "entries": sorted(entries, key=lambda e: [str(e[k]) for k in key])},
                                indent=1) + "\n")
-    da._tuned_entries.cache_clear()
+    da.forget_tuning()
     if copy_to is not None:
         (Path(copy_to) / path.name).write_text(path.read_text())
     return path

@@ -364,7 +364,7 @@ def test_launch_config_takes_the_nearest_tuned_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(da, "TUNED_DIR", tmp_path)
     (tmp_path / "decode_attention-Some-GPU.json").write_text(json.dumps(table))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
-    da._tuned_entries.cache_clear()
+    da.forget_tuning()
     try:
         cuda = torch.device("cuda")
         bf16 = torch.bfloat16
@@ -375,4 +375,4 @@ def test_launch_config_takes_the_nearest_tuned_batch(tmp_path, monkeypatch):
         fp8 = da.launch_config(20, 32, 3000, 128, bf16, torch.float8_e4m3fn, cuda)
         assert fp8 == da.LaunchConfig(64, da.choose_num_splits(20 * 32, 3000, 132, 64))
     finally:
-        da._tuned_entries.cache_clear()
+        da.forget_tuning()
