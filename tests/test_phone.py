@@ -29,7 +29,7 @@ from twilio.request_validator import RequestValidator
 from duplex_agent.agent.api import Agent, DtmfIn
 from duplex_agent.agent.config import FRAME_SIZE, SAMPLE_RATE
 from duplex_agent.streams.loadtest import MoshiClient, scrape_metrics
-from duplex_agent.streams.phone.twilio import CHUNK_BYTES, CallStats, Playout
+from duplex_agent.streams.phone.twilio import CHUNK_BYTES, MAX_QUEUED_MS, CallStats, Playout
 from duplex_agent.streams.phone.webhook import BUSY_MESSAGE, PhoneSettings
 from duplex_agent.streams.server import create_app
 from tests.helpers import espeak_frames
@@ -123,6 +123,7 @@ class TwilioPeer:
         self.stream_sid = "MZ" + secrets.token_hex(16)
         self.received: list[tuple[float, dict]] = []
         self.echoed: list[str] = []
+        self.sent_bytes = 0  # μ-law sent in media messages
         self._sequence = self._chunk = 0
         self._play_end = 0.0
         self._marks: list[tuple[str, asyncio.TimerHandle]] = []
@@ -145,6 +146,7 @@ class TwilioPeer:
     async def media(self, payload: bytes | str) -> None:
         self._chunk += 1
         if isinstance(payload, bytes):
+            self.sent_bytes += len(payload)
             payload = base64.b64encode(payload).decode()
         await self.send({"event": "media", "media": {"track": "inbound", "chunk": str(self._chunk),
                                                      "timestamp": str(20 * self._chunk),
@@ -249,19 +251,23 @@ async def test_a_call_beside_a_moshi_client(server, session, agent, caller, spee
     # The call's first second comes at once (a network hiccup): queued in its backlog, its
     # frames are stepped across several of the Moshi client's, so ticks must take both.
     await asyncio.gather(moshi_side(), peer.speak(caller, burst_chunks=50, keys={30: "4", 60: "#"}))
-    frames = len(caller) // (4 * CHUNK_BYTES)
-    assert await wait_until(lambda: len(peer.events("media")) >= 4 * (frames - 1) - 40)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:  # until an echo of a mark not cleared is back
-        stats = await get_stats(session, server)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # the line carries silence until a mark (not cleared by
+        stats = await get_stats(session, server)  # a cut of the burst's answer) is echoed
         (call,) = stats["phone"]["calls"]
         if call["marks_echoed"]:
             break
-        await asyncio.sleep(0.1)
+        await peer.speak(b"\xff" * 4 * CHUNK_BYTES)
+    frames = peer.sent_bytes // (4 * CHUNK_BYTES)
+    await asyncio.sleep(0.5)  # the last answers are sent
+    stats = await get_stats(session, server)
+    (call,) = stats["phone"]["calls"]
+    # Every answer was sent or cut (the resamplers hold back about one frame).
+    assert call["media_out"] + call["cut_ms"] // 20 >= 4 * (frames - 2)
     assert call["call_sid"] == call_sid and call["stream_sid"] == peer.stream_sid
     # Every byte the caller sent was heard; nothing before start, nothing lost.
-    assert call["heard_ms"] == len(caller) / 8 and call["unheard_ms"] == 0
-    assert call["media_in"] == len(caller) // CHUNK_BYTES and call["lost_chunks"] == 0
+    assert call["heard_ms"] == peer.sent_bytes / 8 and call["unheard_ms"] == 0
+    assert call["media_in"] == peer.sent_bytes // CHUNK_BYTES and call["lost_chunks"] == 0
     conv = next(c for c in stats["conversations"] if c["id"] == call["conversation"])
     assert conv["frames_in"] >= frames - 1 and conv["dropped_input_frames"] == 0
     assert call["dtmf"] == "4#" and conv["dtmf_digits"] == 2
@@ -415,8 +421,8 @@ async def test_malformed_frames_are_counted_and_the_call_goes_on(server, session
 # -- pieces ----------------------------------------------------------------------------------------
 
 async def test_playout_paces_marks_and_cuts():
-    """20 ms messages on an absolute clock; a mark every 25; audio piling up past 200 ms is cut
-    (oldest first) and a `clear` sent before what is left."""
+    """20 ms messages on an absolute clock; a mark every 25; audio piling up past MAX_QUEUED_MS
+    is cut (oldest first) and a `clear` sent before what is left."""
     loop = asyncio.get_running_loop()
     sent: list[tuple[float, dict]] = []
 
@@ -428,11 +434,12 @@ async def test_playout_paces_marks_and_cuts():
     task = asyncio.create_task(playout.run())
     tone = (0.3 * np.sin(np.arange(FRAME_SIZE) * 2 * np.pi * 440 / SAMPLE_RATE)).astype(np.float32)
     try:
-        for _ in range(2):
-            playout.feed(tone, time.monotonic())
-        queued = len(playout._chunks)
-        assert queued >= 6  # 160 ms, less the resampler's first 25 ms
-        assert await wait_until(lambda: len(sent) == queued, 5)
+        playout.feed(tone, time.monotonic())
+        await asyncio.sleep(0.01)  # the first message has gone
+        playout.feed(tone, time.monotonic())
+        assert await wait_until(lambda: len(sent) >= 7, 5)  # 160 ms, less the resampler's 25
+        await asyncio.sleep(0.1)
+        assert len(sent) == 7 and {m["event"] for _, m in sent} == {"media"}
         times = [t for t, _ in sent]
         assert all(t - times[0] >= i * 0.02 - 1e-6 for i, t in enumerate(times))
         assert stats.latency_ms and stats.cut_ms == 0 and stats.clears == 0
@@ -440,9 +447,10 @@ async def test_playout_paces_marks_and_cuts():
         sent.clear()
         for _ in range(6):  # 480 ms at once
             playout.feed(tone)
-        assert len(playout._chunks) == 10  # 200 ms
-        assert stats.cut_ms >= 12 * 20
-        assert await wait_until(lambda: len([m for _, m in sent if m["event"] == "media"]) == 10, 5)
+        kept = MAX_QUEUED_MS // 20
+        assert len(playout._chunks) == kept
+        assert stats.cut_ms >= (22 - kept) * 20  # 480 ms, less the resampler's share
+        assert await wait_until(lambda: len([m for _, m in sent if m["event"] == "media"]) == kept, 5)
         assert sent[0][1] == {"event": "clear", "streamSid": "MZ1"} and stats.clears == 1
         while stats.marks_sent == 0:  # in real time now: the 25th message is followed by a mark
             playout.feed(tone)

@@ -50,7 +50,7 @@ CHUNK_S = CHUNK_BYTES / PHONE_RATE
 MEDIA_FORMAT = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
 MARK_EVERY_CHUNKS = 25  # a mark every 500 ms of the agent's audio
 MAX_PENDING_MARKS = 64  # marks Twilio has not echoed (it echoes all of them; this bounds a peer that does not)
-MAX_QUEUED_MS = 200  # the agent's audio waiting to be sent; beyond it the oldest is cut
+MAX_QUEUED_MS = 120  # queued agent audio: a frame (80 ms) and 40 ms of jitter; beyond it the oldest is cut
 DTMF_HISTORY = 32  # keys shown per call in /api/stats
 HEARTBEAT_S = 20.0
 
