@@ -23,12 +23,13 @@ import numpy as np
 
 from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, SamplingConfig
 from duplex_agent.agent.engine import EngineFull
-from duplex_agent.agent.events import AudioOut, ErrorOut, TextOut  # noqa: F401 (re-exported)
+from duplex_agent.agent.events import AudioOut, DtmfIn, ErrorOut, TextOut  # noqa: F401 (re-exported)
 from duplex_agent.agent.turns import TurnTaking
 
 # Live input may run at most this far ahead of the engine before the oldest audio is dropped.
 DEFAULT_MAX_BACKLOG_FRAMES = 25  # 2 s
 DEFAULT_MAX_OUTPUT_FRAMES = 250  # 20 s of unread output
+DTMF_DIGITS = frozenset("0123456789*#ABCD")
 
 
 class AgentFull(EngineFull):
@@ -46,6 +47,7 @@ class ConversationStats:
     dropped_input_frames: int = 0  # input backlog overflow (client faster than real time)
     dropped_output_frames: int = 0  # consumer did not read its events in time
     text_pieces: int = 0
+    dtmf_digits: int = 0  # phone keys pressed (press_key)
     frame_latency_ms: deque = field(default_factory=lambda: deque(maxlen=500))  # input complete -> output ready
 
     def as_dict(self) -> dict:
@@ -54,6 +56,7 @@ class ConversationStats:
                 "dropped_input_frames": self.dropped_input_frames,
                 "dropped_output_frames": self.dropped_output_frames,
                 "text_pieces": self.text_pieces,
+                "dtmf_digits": self.dtmf_digits,
                 "frame_latency_ms_p50": percentile(lat, 0.5),
                 "frame_latency_ms_p99": percentile(lat, 0.99)}
 
@@ -133,6 +136,20 @@ class Conversation:
                 await self._room.wait()
             self.push(pcm[i:i + chunk], rate)
 
+    def press_key(self, digit: str) -> None:
+        """A phone keypad key (DTMF) the caller pressed: counted, and handed to whoever reads
+        `events()` as a DtmfIn in order with the agent's output. The model hears only the audio."""
+        if self.closed:
+            raise ConversationClosed(f"conversation {self.id} is closed")
+        if digit not in DTMF_DIGITS:
+            raise ValueError(f"a DTMF key is one of 0-9 * # A-D, got {digit!r}")
+        with self._lock:
+            heard_s = (self.stats.frames_in * FRAME_SIZE + len(self._partial)) / SAMPLE_RATE
+        self.stats.dtmf_digits += 1
+        if self._events is not None:
+            # Through the loop, as the engine thread's events come, so the order is kept.
+            self._loop.call_soon_threadsafe(self._deliver, DtmfIn(digit, heard_s))
+
     def flush(self) -> None:
         """End of input: queue the resamplers' tails and the last partial frame, zero-padded, so
         the agent answers every sample that was pushed."""
@@ -166,7 +183,8 @@ class Conversation:
 
     # -- output ----------------------------------------------------------------------------------
     async def events(self):
-        """Async iterator over AudioOut / TextOut (and a final ErrorOut if the engine failed)."""
+        """Async iterator over AudioOut / TextOut, DtmfIn for keys pressed (`press_key`), and a
+        final ErrorOut if the engine failed."""
         while True:
             event = await self.recv()
             if event is None:

@@ -1,5 +1,5 @@
-"""What a conversation emits: the agent's audio, its text, and a final error. Shared by the
-public API and the engine thread."""
+"""What a conversation emits: the agent's audio, its text, a final error, and the keys a phone
+caller pressed. Shared by the public API and the engine thread."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,3 +25,10 @@ class TextOut:
 @dataclass
 class ErrorOut:
     message: str
+
+
+@dataclass
+class DtmfIn:
+    """A key the caller pressed on a phone keypad (DTMF), in the event stream where it came."""
+    digit: str  # one of 0-9 * # A-D
+    t: float  # seconds of the caller's audio the conversation had received by then

@@ -22,13 +22,23 @@ output frames cannot be matched to input frames by count: the latency figure is 
 input frame complete -> its `response.output_audio.delta` sent, read from /api/stats after the run
 (start a fresh server for each run: the figure covers the server's last 20000 deltas).
 
-The functions (`load_speech`, `run_load`, `MoshiClient`, `RealtimeClient`) are used by the tests
-as well.
+With `--protocol twilio` (and `--url http://HOST:PORT/twilio/voice --twilio-auth-token TOKEN`,
+where the server's `--public-url` is http://HOST:PORT) each client places a phone call as Twilio
+does (streams/phone/): a webhook signed with the token, then the media stream its TwiML names,
+speaking Twilio's messages: 20 ms of μ-law 8 kHz every 20 ms (four per 80 ms frame), marks echoed
+once the audio before them has played (a real-time playback clock per call). Output frame k is
+the k-th 80 ms of μ-law received, matched by count as for Moshi; its latency is the arrival of its
+first sample (the server paces each frame over 80 ms, as a phone plays it) minus the send time of
+input frame k's last 20 ms. The server's playback lag (mark sent -> echoed) is read from /api/stats.
+
+The functions (`load_speech`, `run_load`, `MoshiClient`, `RealtimeClient`, `TwilioClient`) are
+used by the tests as well.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -204,19 +214,181 @@ class RealtimeClient(MoshiClient):
             await asyncio.sleep(0.05)
 
 
-PROTOCOLS = {"moshi": MoshiClient, "realtime": RealtimeClient}
+class TwilioClient(MoshiClient):
+    """One phone call as Twilio places it: the signed webhook, then the media stream of its TwiML.
+    Connects and closes as MoshiClient does, `start` standing for the handshake; a refusal (HTTP
+    error, or TwiML without a <Stream>: the busy <Say>) raises ConnectionError."""
+
+    PHONE_RATE, CHUNK = 8000, 160  # μ-law bytes per 20 ms
+
+    def __init__(self, ws, result: ClientResult, call_sid: str, parameters: dict):
+        import secrets
+
+        import soxr
+        from duplex_agent.agent.config import SAMPLE_RATE
+        self.ws, self.result = ws, result
+        self.call_sid, self.parameters = call_sid, parameters
+        self.stream_sid = "MZ" + secrets.token_hex(16)
+        self.handshake = asyncio.Event()
+        self._sent_at: list[float] = []  # per 80 ms input frame: its last chunk's send time
+        self._received_samples = 0
+        self._sequence = self._chunk = 0
+        self._play_end = 0.0  # when the audio received so far will have played
+        self._marks: list[tuple[str, asyncio.TimerHandle]] = []  # echoes not sent yet
+        self._down = soxr.ResampleStream(SAMPLE_RATE, self.PHONE_RATE, 1, dtype="float32",
+                                         quality="LQ")
+        self._pcm = b""
+        self._task = asyncio.create_task(self._receive())
+
+    @classmethod
+    async def connect(cls, session, url: str, result: ClientResult | None = None, token=None,
+                      ssl=None, timeout: float = CONNECT_TIMEOUT_S, twilio_auth_token: str = "",
+                      **query) -> "TwilioClient":
+        """`url`: the webhook (http://HOST:PORT/twilio/voice), signed as given."""
+        import secrets
+        import xml.etree.ElementTree as ElementTree
+        from urllib.parse import urlencode
+
+        import aiohttp
+        from twilio.request_validator import RequestValidator
+        if query:
+            url += ("&" if "?" in url else "?") + urlencode(query)
+        result = result or ClientResult(0)
+        call_sid = "CA" + secrets.token_hex(16)
+        form = {"CallSid": call_sid, "AccountSid": "AC" + "0" * 32, "From": f"+1555{result.client:07d}",
+                "To": "+15550000000", "CallStatus": "ringing", "Direction": "inbound",
+                "ApiVersion": "2010-04-01"}
+        signature = RequestValidator(twilio_auth_token).compute_signature(url, form)
+        t0 = time.monotonic()
+        async with session.post(url, data=form, headers={"X-Twilio-Signature": signature},
+                                ssl=ssl, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            if r.status != 200:
+                raise ConnectionError(f"webhook: HTTP {r.status}: {await r.text()}")
+            twiml = ElementTree.fromstring(await r.text())
+        stream = twiml.find("Connect/Stream")
+        if stream is None:
+            said = " ".join(e.text or "" for e in twiml.iter("Say"))
+            raise ConnectionError(f"the call was not taken: {said or 'no <Stream> in the TwiML'}")
+        parameters = {p.get("name"): p.get("value") for p in stream.iter("Parameter")}
+        try:
+            ws = await session.ws_connect(stream.get("url"), ssl=ssl)
+        except aiohttp.WSServerHandshakeError as e:
+            raise ConnectionError(f"media stream: HTTP {e.status}: {e.message}") from None
+        client = cls(ws, result, call_sid, parameters)
+        await client._send({"event": "connected", "protocol": "Call", "version": "1.0.0"},
+                           sequenced=False)
+        await client._send({"event": "start", "start": {
+            "accountSid": form["AccountSid"], "streamSid": client.stream_sid, "callSid": call_sid,
+            "tracks": ["inbound"], "customParameters": parameters,
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})
+        client.handshake.set()
+        client.result.handshake_ms = round((time.monotonic() - t0) * 1000, 1)
+        return client
+
+    async def _send(self, message: dict, sequenced: bool = True) -> None:
+        if sequenced:
+            self._sequence += 1
+            message = {**message, "sequenceNumber": str(self._sequence),
+                       "streamSid": self.stream_sid}
+        await self.ws.send_str(json.dumps(message))
+
+    async def send_frame(self, pcm) -> None:
+        """One 80 ms frame (24 kHz float32) as four 20 ms μ-law `media` messages, 20 ms apart."""
+        import audioop
+
+        import numpy as np
+        out = self._down.resample_chunk(pcm)
+        self._pcm += audioop.lin2ulaw((np.clip(out, -1, 1) * 32767).astype("<i2").tobytes(), 2)
+        t0 = time.monotonic()
+        for j in range(4):
+            await asyncio.sleep(max(0.0, t0 + j * 0.02 - time.monotonic()))
+            chunk, self._pcm = self._pcm[:self.CHUNK], self._pcm[self.CHUNK:]
+            await self._media(chunk.ljust(self.CHUNK, b"\xff"))  # μ-law silence while the resampler fills
+        self._sent_at.append(time.monotonic())
+        self.result.sent_frames += 1
+
+    async def _receive(self) -> None:
+        import base64
+
+        import aiohttp
+        result, loop = self.result, asyncio.get_running_loop()
+        frame = 4 * self.CHUNK
+        async for msg in self.ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue
+            event = json.loads(msg.data)
+            kind, now = event.get("event"), loop.time()
+            if event.get("streamSid") != self.stream_sid:
+                result.errors.append(f"a {kind!r} message for another stream")
+            elif kind == "media":
+                samples = len(base64.b64decode(event["media"]["payload"]))
+                self._received_samples += samples
+                self._play_end = max(self._play_end, now) + samples / self.PHONE_RATE
+                while result.received_frames * frame < self._received_samples:
+                    k = result.received_frames  # output frame k's first sample has come
+                    if k < len(self._sent_at):
+                        result.latencies_ms.append((time.monotonic() - self._sent_at[k]) * 1000)
+                    result.received_frames += 1
+            elif kind == "mark":  # echoed once the audio before it has played
+                name = event["mark"]["name"]
+                self._marks = [(n, h) for n, h in self._marks if h.when() > now]
+                self._marks.append((name, loop.call_at(self._play_end, self._echo, name)))
+            elif kind == "clear":  # the queued audio is dropped, the pending marks echoed now
+                self._play_end = now
+                for name, handle in self._marks:
+                    if handle.when() > now:
+                        handle.cancel()
+                        self._echo(name)
+                self._marks.clear()
+        code = self.ws.close_code
+        if code not in (None, 1000) and not result.errors:
+            result.errors.append(f"closed by the server with code {code}")
+
+    async def wait_for_outputs(self, timeout: float) -> None:
+        """As MoshiClient's, while the line carries silence, as a phone line does: the last
+        frame's answer is behind the resamplers' ~60 ms, which only more audio pushes out."""
+        deadline = time.monotonic() + timeout
+        while (self.result.received_frames < self.result.sent_frames and not self.closed
+               and time.monotonic() < deadline):
+            await self._media(b"\xff" * self.CHUNK)
+            await asyncio.sleep(0.02)
+
+    async def _media(self, ulaw: bytes) -> None:
+        import base64
+        self._chunk += 1
+        await self._send({"event": "media", "media": {
+            "track": "inbound", "chunk": str(self._chunk), "timestamp": str(self._chunk * 20),
+            "payload": base64.b64encode(ulaw).decode()}})
+
+    def _echo(self, name: str) -> None:
+        if not self.ws.closed:
+            asyncio.ensure_future(self._send({"event": "mark", "mark": {"name": name}}))
+
+    async def close(self) -> None:
+        if not self.ws.closed:
+            from contextlib import suppress
+            with suppress(ConnectionError):
+                await self._send({"event": "stop", "stop": {"accountSid": "AC" + "0" * 32,
+                                                            "callSid": self.call_sid}})
+        await asyncio.wait([self._task], timeout=5.0)  # the server hangs up after `stop`
+        await self.ws.close()
+
+
+PROTOCOLS = {"moshi": MoshiClient, "realtime": RealtimeClient, "twilio": TwilioClient}
 
 
 async def run_client(index: int, session, url: str, speech, duration_s: float,
                      start_delay_s: float = 0.0, drain_s: float = 3.0, token=None, ssl=None,
-                     query: dict | None = None, protocol: str = "moshi") -> ClientResult:
+                     query: dict | None = None, protocol: str = "moshi",
+                     twilio_auth_token: str | None = None) -> ClientResult:
     """One client's whole run; never raises for the server's behaviour, it records it."""
     from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE
     result = ClientResult(index)
     await asyncio.sleep(start_delay_s)
+    signing = {"twilio_auth_token": twilio_auth_token} if protocol == "twilio" else {}
     try:
         client = await PROTOCOLS[protocol].connect(session, url, result, token=token, ssl=ssl,
-                                                   **(query or {}))
+                                                   **signing, **(query or {}))
     except (ConnectionError, OSError, asyncio.TimeoutError) as e:
         result.errors = [f"connect: {e or type(e).__name__}"]  # includes a refusal's 0x05 message
         return result
@@ -244,7 +416,7 @@ async def run_client(index: int, session, url: str, speech, duration_s: float,
 
 async def run_load(url: str, clients: int, duration_s: float, speech, *, token=None, ssl=None,
                    ramp_s: float = 0.0, drain_s: float = 3.0, query: dict | None = None,
-                   protocol: str = "moshi") -> dict:
+                   protocol: str = "moshi", twilio_auth_token: str | None = None) -> dict:
     """Run `clients` conversations at once against `url` (ws:// or wss://) and return the report."""
     import aiohttp
     timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S)
@@ -253,7 +425,7 @@ async def run_load(url: str, clients: int, duration_s: float, speech, *, token=N
         t0 = time.monotonic()
         results = await asyncio.gather(*(
             run_client(i, session, url, speech, duration_s, ramp_s * i / max(1, clients), drain_s,
-                       token, ssl, query, protocol) for i in range(clients)))
+                       token, ssl, query, protocol, twilio_auth_token) for i in range(clients)))
         wall_s = time.monotonic() - t0
         after = await scrape_metrics(session, url, token, ssl)
         server_stats = await scrape_stats(session, url, token, ssl)
@@ -262,6 +434,9 @@ async def run_load(url: str, clients: int, duration_s: float, speech, *, token=N
     if server_stats is not None:
         out["server_stats"] = {"engine": server_stats.get("engine"),
                                "realtime": server_stats.get("realtime")}
+        if "phone" in server_stats:
+            out["server_stats"]["phone"] = {k: v for k, v in server_stats["phone"].items()
+                                            if k != "calls"}
     return out
 
 
@@ -393,8 +568,12 @@ def register(subparsers) -> None:
     p.add_argument("--ramp", type=float, default=0.0,
                    help="spread the clients' starts over this many seconds (default 0: together)")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="moshi",
-                   help="moshi (/api/chat, Ogg/Opus) or realtime (/v1/realtime, OpenAI's "
-                        "Realtime events); default moshi")
+                   help="moshi (/api/chat, Ogg/Opus), realtime (/v1/realtime, OpenAI's "
+                        "Realtime events) or twilio (phone calls: --url is the webhook, "
+                        "http://HOST:PORT/twilio/voice); default moshi")
+    p.add_argument("--twilio-auth-token", default=os.environ.get("TWILIO_AUTH_TOKEN") or None,
+                   help="--protocol twilio: the token the server checks webhooks with (default: "
+                        "$TWILIO_AUTH_TOKEN)")
     p.add_argument("--drain", type=float, default=3.0,
                    help="after sending, wait at most this long for the last outputs (default 3 s)")
 
@@ -404,11 +583,15 @@ def run_loadtest(args) -> int:
     if args.clients < 1 or not args.duration > 0:
         print("error: --clients must be at least 1 and --duration positive", file=sys.stderr)
         return 2
+    if args.protocol == "twilio" and not args.twilio_auth_token:
+        print("error: --protocol twilio needs --twilio-auth-token", file=sys.stderr)
+        return 2
     speech = load_speech(args.wav)
     context = ssl.create_default_context(cafile=args.cafile) if args.cafile else None
     result = asyncio.run(run_load(args.url, args.clients, args.duration, speech, token=args.token,
                                   ssl=context, ramp_s=args.ramp, drain_s=args.drain,
-                                  protocol=args.protocol))
+                                  protocol=args.protocol,
+                                  twilio_auth_token=args.twilio_auth_token))
     print(format_report(result))
     if args.json:
         with open(args.json, "w") as f:
@@ -431,6 +614,11 @@ def format_report(r: dict) -> str:
         lat = realtime["delta_latency_ms"]
         lines.append(f"server frame in -> delta out ms: p50 {lat['p50']}  p90 {lat['p90']}  "
                      f"p99 {lat['p99']}  (n={lat['count']}); responses {realtime['responses']}")
+    phone = (r.get("server_stats") or {}).get("phone")
+    if r.get("protocol") == "twilio" and phone:
+        lag = phone["playback_lag_ms"]
+        lines.append(f"server playback lag (mark sent -> echoed) ms: p50 {lag['p50']}  p90 "
+                     f"{lag['p90']}  (n={lag['count']}); cut {phone['cut_ms']} ms")
     if r["server"] is not None:
         s = r["server"]
         lines.append(f"server: dropped input {s['dropped_input_frames']:g}, output "

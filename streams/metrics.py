@@ -22,6 +22,11 @@ as in the tests, can share a process. All names start with `duplex_`:
                                                   persona prompts whose prefill was reused, computed
     prompt_cache_bytes, prompt_cache_entries      host memory the prefilled prompts hold
     kernel_path{kernel, path}                     1 for what each kernel runs: triton or torch
+    phone_playback_lag_seconds                    phone calls: our mark sent -> Twilio's echo
+                                                  (the caller has heard the audio before it)
+    phone_call_playback_lag_seconds{call_sid}     the last such lag of each live call
+    phone_dtmf_digits_total                       keys callers pressed
+    phone_cut_seconds_total                       agent audio cut (and `clear`ed) after a stall
 
 Per-tick figures come from the engine driver's tick listeners, on the engine thread (prometheus
 metrics are thread-safe); per-conversation drops from the conversation tracker's sweep.
@@ -78,6 +83,19 @@ class _AgentCollector:
         yield kernels
 
 
+class _CallLagCollector:
+    def __init__(self, lags):
+        self.lags = lags
+
+    def collect(self):
+        family = GaugeMetricFamily("duplex_phone_call_playback_lag_seconds", "The last playback "
+                                   "lag (mark sent -> echoed) of each live phone call",
+                                   labels=["call_sid"])
+        for call_sid, seconds in self.lags():
+            family.add_metric([call_sid], seconds)
+        yield family
+
+
 class Metrics:
     """The metrics of one app. `attach` connects them to an agent; the server's handlers call
     `refused`, `websocket_error`, `opened`, `ended` and `dropped` as things happen."""
@@ -123,6 +141,14 @@ class Metrics:
                                  "whether the agent yielded", ["yielded"], registry=r)
         self.overlap_seconds = Counter("duplex_overlap_seconds", "Time both sides spoke at once",
                                        registry=r)
+        self.phone_lag_seconds = Histogram(
+            "duplex_phone_playback_lag_seconds", "Phone calls: a mark sent -> Twilio's echo, once "
+            "the audio before it has played", buckets=_TIME_BUCKETS, registry=r)
+        self.phone_dtmf_digits = Counter("duplex_phone_dtmf_digits", "Phone keys callers pressed",
+                                         registry=r)
+        self.phone_cut_seconds = Counter(
+            "duplex_phone_cut_seconds", "Phone calls: agent audio cut (and cleared at Twilio) "
+            "when it piled up after a stall", registry=r)
         for reason in REFUSAL_REASONS:  # every label appears from the start, at zero
             self.refusals.labels(reason)
         for kind in WEBSOCKET_ERRORS:
@@ -191,6 +217,20 @@ class Metrics:
             self.dropped_input.inc(input_frames)
         if output_frames > 0:
             self.dropped_output.inc(output_frames)
+
+    def phone_lag(self, seconds: float) -> None:
+        self.phone_lag_seconds.observe(seconds)
+
+    def phone_dtmf(self) -> None:
+        self.phone_dtmf_digits.inc()
+
+    def phone_cut(self, seconds: float) -> None:
+        self.phone_cut_seconds.inc(seconds)
+
+    def watch_calls(self, lags) -> None:
+        """`lags()` -> [(call_sid, seconds)]: each live phone call's last playback lag, read at
+        scrape time (a call's label goes with it)."""
+        self.registry.register(_CallLagCollector(lags))
 
     def turn_taking(self, turns) -> None:
         """Fold one finished conversation's `agent.turns.TurnTaking` into the histograms."""

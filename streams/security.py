@@ -299,13 +299,15 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
 
 
 _TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&]*")
+_CREDENTIAL_IN_PATH = re.compile(r"(?<=^/twilio/stream/)[^/?]+")  # a phone call's media stream
 
 
 class RedactingAccessLogger(AbstractAccessLogger):
-    """aiohttp's access log, with the value of `?token=` replaced by ***."""
+    """aiohttp's access log, with the value of `?token=` and phone streams' credentials replaced
+    by ***."""
 
     def log(self, request, response, time: float) -> None:
-        path = _TOKEN_IN_QUERY.sub("***", request.path_qs)
+        path = _CREDENTIAL_IN_PATH.sub("***", _TOKEN_IN_QUERY.sub("***", request.path_qs))
         self.logger.info('%s "%s %s" %d %.1f ms', request.remote, request.method, path,
                          response.status, time * 1000)
 

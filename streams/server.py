@@ -9,6 +9,8 @@ Routes:
     POST /offer      WebRTC (streams/webrtc.py), when that module is present
     GET  /v1/realtime        the OpenAI Realtime API, websocket (streams/realtime/session.py)
     POST /v1/realtime/calls  the same over WebRTC (streams/realtime/call.py), with streams/webrtc.py
+    POST /twilio/voice       a phone call's webhook, signed by Twilio (streams/phone/webhook.py),
+    GET  /twilio/stream/...  and its media stream (streams/phone/twilio.py), with --public-url
 
 Every connection is one conversation of the shared `Agent`; a full server refuses at once
 (websocket: a 0x05 error; HTTP: `security.refuse_full`, status 503), it never queues. The admission rules
@@ -42,11 +44,12 @@ STATS_PROMPT_CHARS = 80  # /api/stats shows the start of each conversation's tex
 
 
 def create_app(agent, static_dir: Path = WEB_DIR, policy=None, profile_stages: bool | None = None,
-               utterance_rule=None):
+               utterance_rule=None, phone=None):
     """The aiohttp application. `policy`: a streams.security.Policy (default: its defaults);
     `profile_stages`: time the engine's stages for /metrics (default: on CPU only);
     `utterance_rule`: how the Realtime API cuts the agent's stream into responses
-    (streams.realtime.events.UtteranceRule, default: its defaults)."""
+    (streams.realtime.events.UtteranceRule, default: its defaults); `phone`: a
+    streams.phone.webhook.PhoneSettings to take phone calls (default: none)."""
     from aiohttp import web
 
     from duplex_agent.streams.metrics import Metrics
@@ -62,6 +65,10 @@ def create_app(agent, static_dir: Path = WEB_DIR, policy=None, profile_stages: b
                           handler_args={"max_line_size": MAX_REQUEST_LINE_BYTES})
     chat = MoshiChat(agent, policy, tracker, metrics)
     realtime_api = realtime.setup_routes(app, agent, policy, tracker, metrics, utterance_rule)
+    phone_line = None
+    if phone is not None:
+        from duplex_agent.streams.phone import webhook
+        phone_line = webhook.setup_routes(app, agent, phone, policy, tracker, metrics)
     index = Path(static_dir) / "index.html"
 
     async def handle_index(request: web.Request) -> web.StreamResponse:
@@ -70,7 +77,9 @@ def create_app(agent, static_dir: Path = WEB_DIR, policy=None, profile_stages: b
         return web.FileResponse(index)
 
     async def handle_stats(request: web.Request) -> web.Response:
-        return web.json_response({**stats(agent, chat), "realtime": realtime_api.stats()})
+        phone_stats = {"phone": phone_line.stats()} if phone_line is not None else {}
+        return web.json_response({**stats(agent, chat), "realtime": realtime_api.stats(),
+                                  **phone_stats})
 
     async def handle_voices(request: web.Request) -> web.Response:
         return web.json_response({"personas": agent.engine.bundle.personas is not None,
@@ -188,6 +197,39 @@ def register(subparsers) -> None:
     add_threads_arg(p)
     add_policy_args(p)
     add_realtime_args(p)
+    add_phone_args(p)
+
+
+def add_phone_args(p: argparse.ArgumentParser) -> None:
+    """Phone calls over Twilio Media Streams (see `phone_settings_from_args`), shared by `serve`
+    and `cluster`."""
+    g = p.add_argument_group("phone calls (Twilio Media Streams): the number's webhook is "
+                             "POST PUBLIC_URL/twilio/voice")
+    g.add_argument("--twilio-auth-token", default=os.environ.get("TWILIO_AUTH_TOKEN") or None,
+                   help="the Twilio account's auth token, which signs its webhooks (default: "
+                        "$TWILIO_AUTH_TOKEN); with --public-url, takes phone calls")
+    g.add_argument("--public-url", default=None,
+                   help="where Twilio reaches this server, e.g. https://agent.example.com (the "
+                        "webhook's signature covers it; the media stream's wss:// URL is built "
+                        "from it)")
+    g.add_argument("--phone-voice", default=None,
+                   help="persona checkpoints: the callers' agent's voice, unless the webhook URL "
+                        "has ?voice_prompt=")
+    g.add_argument("--phone-role", default=None,
+                   help="persona checkpoints: the callers' agent's role, unless the webhook URL "
+                        "has ?text_prompt=")
+
+
+def phone_settings_from_args(args):
+    """PhoneSettings, or None without --twilio-auth-token and --public-url; ValueError says what
+    is wrong."""
+    from duplex_agent.streams.phone.webhook import PhoneSettings
+    if bool(args.twilio_auth_token) != bool(args.public_url):
+        raise ValueError("--twilio-auth-token and --public-url go together")
+    if not args.public_url:
+        return None
+    return PhoneSettings(args.twilio_auth_token, args.public_url, args.phone_voice,
+                         args.phone_role)
 
 
 def add_realtime_args(p: argparse.ArgumentParser) -> None:
@@ -327,6 +369,7 @@ def run_serve(args) -> int:
     from duplex_agent.agent.options import weight_options
     try:
         ssl_context = ssl_context_from_args(args)
+        phone = phone_settings_from_args(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -338,21 +381,24 @@ def run_serve(args) -> int:
     try:
         asyncio.run(serve(agent, args.host, args.port, policy, ssl_context,
                           profile_stages=args.profile_stages or None,
-                          utterance_rule=utterance_rule_from_args(args)))
+                          utterance_rule=utterance_rule_from_args(args), phone=phone))
     finally:
         agent.close()
     return 0
 
 
 async def serve(agent, host: str, port: int, policy=None, ssl_context=None,
-                profile_stages: bool | None = None, utterance_rule=None) -> None:
+                profile_stages: bool | None = None, utterance_rule=None, phone=None) -> None:
     """Serve until SIGINT or SIGTERM, then close every connection and return."""
     from duplex_agent.streams.security import Policy
     policy = policy or Policy()
     _warn_if_exposed(host, policy, ssl_context)
     app = create_app(agent, policy=policy, profile_stages=profile_stages,
-                     utterance_rule=utterance_rule)
+                     utterance_rule=utterance_rule, phone=phone)
     engine = agent.engine.describe()
+    if phone is not None:
+        log.info("taking phone calls: point the Twilio number's webhook at %s/twilio/voice",
+                 phone.public_url)
     await serve_until_signal(app, host, port, ssl_context, lambda url: (
         f"serving on {url} ({agent.max_conversations} conversations max; "
         f"{engine['checkpoint']} on {engine['device']}, {engine['dtype']}, weights "

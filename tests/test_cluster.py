@@ -24,6 +24,7 @@ import pytest
 from duplex_agent.agent.config import FRAME_SIZE, SAMPLE_RATE
 from duplex_agent.streams.loadtest import ClientResult, MoshiClient
 from tests.helpers import ROOT, espeak_frames
+from tests.test_phone import PUBLIC_URL, TWILIO_TOKEN, TwilioPeer, call_webhook, local, new_call_sid
 
 pytest.importorskip("ray.serve")
 
@@ -41,7 +42,8 @@ class Cluster:
             [sys.executable, str(ROOT / "run_agent.py"), "cluster", "--checkpoint", "tiny-random",
              "--device", "cpu", "--num-cpus", "2", "--replicas", str(REPLICAS), "--max-sessions",
              str(SLOTS), "--threads", "1", "--port", "0", "--media-host", "127.0.0.1",
-             "--auth-token", TOKEN],
+             "--auth-token", TOKEN, "--twilio-auth-token", TWILIO_TOKEN,
+             "--public-url", PUBLIC_URL],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self.url: str | None = None
@@ -301,6 +303,34 @@ async def test_realtime_api_through_the_gateway(cluster, session):
         s = await stats(session, cluster)
         assert s["conversations"][0]["replica"] in slots_used(s)
         assert s["realtime"]["connections"] >= 1, s["realtime"]
+    assert await wait_until(lambda: _idle(session, cluster), 10)
+
+
+# -- phone calls -----------------------------------------------------------------------------------
+
+async def test_phone_call_through_the_gateway(cluster, session):
+    """The signed webhook is checked at the gateway and answered by a replica; the TwiML's
+    single-use credential takes the media stream to that replica."""
+    import xml.etree.ElementTree as ElementTree
+    sid = new_call_sid()
+    assert (await call_webhook(session, cluster.url, sid, token="not-the-token"))[0] == 403
+    status, body = await call_webhook(session, cluster.url, sid)
+    assert status == 200
+    url = local(ElementTree.fromstring(body).find("Connect/Stream").get("url"), cluster.url)
+    peer = TwilioPeer(await session.ws_connect(url), sid)
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:  # the credential is used up
+        await session.ws_connect(url)
+    assert refused.value.status == 403
+    await peer.start()
+    await peer.speak(b"\xff" * 160 * 25)  # half a second of μ-law silence
+    assert await wait_until(_async(lambda: len(peer.events("media")) >= 8), 20)
+    s = await stats(session, cluster)
+    (call,) = s["phone"]["calls"]
+    assert call["call_sid"] == sid and call["replica"] in slots_used(s)
+    assert s["phone"]["bad_signatures"] == 1
+    assert {e["streamSid"] for _, e in peer.received} == {peer.stream_sid}
+    await peer.stop()
+    await peer.wait_closed()
     assert await wait_until(lambda: _idle(session, cluster), 10)
 
 

@@ -133,7 +133,7 @@ def test_no_import_circle_between_modules():
 
 def test_streams_is_grouped_by_protocol_family():
     streams = ROOT / "streams"
-    for family in ("realtime", "cluster"):
+    for family in ("realtime", "cluster", "phone"):
         assert (streams / family / "__init__.py").is_file(), family
         for module in (streams / family).glob("*.py"):
             assert not module.name.startswith(family + "_"), f"{module}: drop the folder's prefix"

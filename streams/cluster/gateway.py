@@ -3,7 +3,9 @@ process.
 
 It serves the web page; relays the websockets (`/api/chat`, `/v1/realtime`) to the replica that
 holds the conversation; forwards WebRTC offers (`/offer`, `/v1/realtime/calls`, media then flows
-straight to the replica) and `/api/voices`; and sums the replicas' `/api/stats` and `/metrics`.
+straight to the replica) and `/api/voices`; takes phone calls (`POST /twilio/voice`, checked and
+forwarded to a replica, whose single-use stream credential then routes `/twilio/stream/...` to
+it); and sums the replicas' `/api/stats` and `/metrics`.
 A conversation's slot is one Serve handle call (`Hold`), placed by Serve's router. The gateway
 sees every hold, so it refuses at once, with `serve`'s refusal shapes, when the running replicas'
 slots are all held; the admission rules (token, origins, sizes, per-client limit) apply here,
@@ -96,7 +98,7 @@ class Gateway:
     tracker that `security.guard_middleware` asks about clients (`count`, `reserve`, `claim`)."""
 
     def __init__(self, handle, registry, slots: int, policy, internal_token: str,
-                 static_dir: Path | None = None):
+                 static_dir: Path | None = None, phone=None):
         from duplex_agent.streams.metrics import Metrics
         from duplex_agent.streams.security import Reservations
         from duplex_agent.streams.server import WEB_DIR
@@ -110,6 +112,8 @@ class Gateway:
         self._sockets: set = set()
         self._unreachable_since: dict[str, float] = {}
         self.counters = Counter()  # websocket refusals and relay failures at the gateway
+        self.phone = phone  # streams.phone.webhook.PhoneSettings, or None
+        self._phone_streams: dict[str, tuple[Hold, float]] = {}  # credential -> (hold, expiry)
         self.session = None
 
     # -- capacity --------------------------------------------------------------------------------
@@ -202,6 +206,10 @@ class Gateway:
             app.router.add_get(path, self.handle_websocket)
         for path in OFFER_PATHS:
             app.router.add_post(path, self.handle_offer)
+        if self.phone is not None:
+            from duplex_agent.streams.phone.webhook import STREAM_PATH, VOICE_PATH
+            app.router.add_post(VOICE_PATH, self.handle_phone_call)
+            app.router.add_get(STREAM_PATH + "/{credential}", self.handle_phone_stream)
         app.router.add_get("/api/stats", self.handle_stats)
         app.router.add_get("/api/voices", self.handle_voices)
         app.router.add_get("/metrics", self.handle_metrics)
@@ -223,7 +231,7 @@ class Gateway:
         from aiohttp import web
 
         from duplex_agent.streams.moshi_ws import HEARTBEAT_S
-        moshi = request.path == "/api/chat"
+        protocol = "moshi" if request.path == "/api/chat" else "realtime"
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
                      if p.strip()]
         ws = web.WebSocketResponse(max_msg_size=self.policy.max_message_bytes + 1, autoclose=False,
@@ -233,8 +241,8 @@ class Gateway:
         async def refuse(reason: str, code: str, message: str):
             self.counters[f"refused_{reason}"] += 1
             self.metrics.refused(reason)
-            await _ws_error(ws, moshi, code, message)
-            if moshi:
+            await _ws_error(ws, protocol, code, message)
+            if protocol == "moshi":
                 await ws.close()
             else:  # as streams/realtime/session.py refuses
                 await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=code.encode())
@@ -263,13 +271,13 @@ class Gateway:
                                 f"the replica {hold.replica} cannot be reached: {e}")
         self._sockets.add(ws)
         try:
-            await self._relay(ws, upstream, hold, moshi)
+            await self._relay(ws, upstream, hold, protocol)
         finally:
             self._sockets.discard(ws)
             hold.release()
         return ws
 
-    async def _relay(self, ws, upstream, hold: Hold, moshi: bool) -> None:
+    async def _relay(self, ws, upstream, hold: Hold, protocol: str) -> None:
         from aiohttp import WSCloseCode, WSMsgType
 
         async def forward(msg, to) -> None:
@@ -320,8 +328,103 @@ class Gateway:
         self.metrics.ended("replica_failed")
         message = REPLICA_FAILED.format(replica=hold.replica)
         log.warning("conversation on replica %s lost (close code %s)", hold.replica, code)
-        await _ws_error(ws, moshi, "server_error", message)
+        await _ws_error(ws, protocol, "server_error", message)
         await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"replica failed")
+
+    # -- phone calls: the webhook places the call, its credential routes the stream -------------
+    async def handle_phone_call(self, request):
+        """Checked here (signature, per-caller limit, capacity: the busy TwiML at once), then
+        forwarded as it came to the replica holding the slot, which checks the signature again
+        and answers the TwiML; the stream URL's credential is remembered for the stream."""
+        import aiohttp
+        import xml.etree.ElementTree as ElementTree
+        from aiohttp import web
+
+        from duplex_agent.streams.phone.webhook import (BUSY_MESSAGE, say_and_hang_up,
+                                                        signature_valid)
+        from duplex_agent.streams.security import refusal
+        from twilio.request_validator import SIGNATURE_HEADER, SIGNATURE_SETTINGS_HEADER
+        form = await request.post()
+        if not signature_valid(self.phone, request, form):
+            self.counters["phone_bad_signatures"] += 1
+            self.metrics.refused("auth")
+            return refusal(403, f"invalid X-Twilio-Signature for {self.phone.signed_url(request)}")
+        self._forget_phone_streams()
+        client = f"tel:{form.get('From') or 'unknown'}"
+        limit = self.policy.max_per_client
+        if limit and self.count(client) >= limit:
+            self.counters["phone_refused_per_client"] += 1
+            self.metrics.refused("per_client")
+            return say_and_hang_up(BUSY_MESSAGE)
+        try:
+            hold = await self.reserve_slot(client, "phone")
+        except (ClusterFull, NoReplica):
+            self.counters["phone_refused_full"] += 1
+            self.metrics.refused("full")
+            return say_and_hang_up(BUSY_MESSAGE)
+        headers = {**self._upstream_headers(hold), "Content-Type": request.headers["Content-Type"]}
+        for name in (SIGNATURE_HEADER, SIGNATURE_SETTINGS_HEADER):
+            if name in request.headers:
+                headers[name] = request.headers[name]
+        try:
+            async with self.session.post(hold.url + request.path_qs, data=await request.read(),
+                                         headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=30)) as r:
+                status, payload, content_type = r.status, await r.read(), r.content_type
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            hold.release()
+            return refusal(502, f"the replica {hold.replica} did not answer the webhook: {e}")
+        stream = None
+        if status == 200:
+            stream = ElementTree.fromstring(payload).find("Connect/Stream")
+        if stream is None:  # refused there (busy, a persona it cannot serve): no slot is held
+            hold.release()
+        else:
+            credential = stream.get("url").rsplit("/", 1)[1]
+            self._phone_streams[credential] = (hold, time.monotonic()
+                                               + self.phone.connect_timeout_s)
+        return web.Response(status=status, body=payload, content_type=content_type,
+                            headers={"X-Duplex-Replica": hold.replica})
+
+    def _forget_phone_streams(self) -> None:
+        now = time.monotonic()
+        for credential, (hold, expires) in list(self._phone_streams.items()):
+            if expires <= now:
+                del self._phone_streams[credential]
+
+    async def handle_phone_stream(self, request):
+        """Relayed to the replica that answered the call's webhook; an unknown or used
+        credential is refused (403) before the upgrade, as `serve` does."""
+        import aiohttp
+        from aiohttp import web
+
+        from duplex_agent.streams.phone.twilio import HEARTBEAT_S
+        from duplex_agent.streams.security import refusal
+        self._forget_phone_streams()
+        hold, _ = self._phone_streams.pop(request.match_info["credential"], (None, None))
+        if hold is None or hold.closed:
+            self.counters["phone_bad_credentials"] += 1
+            self.metrics.refused("auth")
+            return refusal(403, "unknown or already used media stream credential")
+        ws = web.WebSocketResponse(max_msg_size=self.policy.max_message_bytes + 1, autoclose=False,
+                                   heartbeat=HEARTBEAT_S)
+        await ws.prepare(request)
+        try:
+            upstream = await self.session.ws_connect(
+                hold.url + request.path, max_msg_size=0, heartbeat=HEARTBEAT_S,
+                headers={"Authorization": f"Bearer {self.internal_token}"})
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            hold.release()
+            log.warning("phone stream: the replica %s cannot be reached: %s", hold.replica, e)
+            await ws.close(code=aiohttp.WSCloseCode.INTERNAL_ERROR, message=b"replica failed")
+            return ws
+        self._sockets.add(ws)
+        try:
+            await self._relay(ws, upstream, hold, "twilio")
+        finally:
+            self._sockets.discard(ws)
+            hold.release()
+        return ws
 
     # -- WebRTC: only the offer/answer passes here ----------------------------------------------
     async def handle_offer(self, request):
@@ -419,6 +522,11 @@ class Gateway:
         for _, s in up:
             realtime.update({k: v for k, v in s.get("realtime", {}).items()
                              if isinstance(v, (int, float))})
+        phone = Counter()
+        for _, s in up:
+            phone.update({k: v for k, v in s.get("phone", {}).items() if isinstance(v, (int, float))})
+        for name in ("bad_signatures", "refused_full", "refused_per_client", "bad_credentials"):
+            phone[name] += self.counters[f"phone_{name}"]
         engines = [s["engine"] for _, s in up]
         engine = {}
         if engines:
@@ -438,6 +546,9 @@ class Gateway:
             "engine": engine,
             "websocket": dict(websocket),
             "realtime": dict(realtime),
+            **({"phone": {**phone, "calls": [{**c, "replica": r} for r, s in up
+                                              for c in s.get("phone", {}).get("calls", [])]}}
+               if self.phone is not None else {}),
             "replicas": replicas,
             "gateway": {"held": len(self._holds), "running_replicas": self.running_replicas,
                         "relay_failures": self.counters["replica_failed"]},
@@ -453,16 +564,17 @@ class Gateway:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def _ws_error(ws, moshi: bool, code: str, message: str) -> None:
-    """An error in the client's protocol: Moshi's 0x05 message, or a Realtime `error` event."""
+async def _ws_error(ws, protocol: str, code: str, message: str) -> None:
+    """An error in the client's protocol: Moshi's 0x05 message, a Realtime `error` event;
+    Twilio's media streams have none (the close says it)."""
     import json
 
     from duplex_agent.streams.moshi_ws import KIND_ERROR
     from duplex_agent.streams.realtime.events import error_event
     with suppress(ConnectionError):
-        if moshi:
+        if protocol == "moshi":
             await ws.send_bytes(KIND_ERROR + message.encode())
-        else:
+        elif protocol == "realtime":
             await ws.send_str(json.dumps(error_event(code, message)))
 
 

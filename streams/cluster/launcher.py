@@ -71,8 +71,8 @@ def deploy(settings: dict, *, replicas: int | None, min_replicas: int | None = N
 
 def register(subparsers) -> None:
     from duplex_agent.agent.options import add_checkpoint_args, add_persona_args
-    from duplex_agent.streams.server import (_positive_int, add_listen_args, add_policy_args,
-                                             add_realtime_args, add_threads_arg)
+    from duplex_agent.streams.server import (_positive_int, add_listen_args, add_phone_args,
+                                             add_policy_args, add_realtime_args, add_threads_arg)
     p = subparsers.add_parser("cluster", help="serve what `serve` serves from many engines "
                                               "(one per GPU) on a Ray cluster, at one address")
     p.set_defaults(func=run_cluster)
@@ -99,10 +99,12 @@ def register(subparsers) -> None:
                         "addresses); e.g. 127.0.0.1 on a single machine without a network")
     add_policy_args(p)
     add_realtime_args(p)
+    add_phone_args(p)
 
 
 def run_cluster(args) -> int:
-    from duplex_agent.streams.server import policy_from_args, ssl_context_from_args
+    from duplex_agent.streams.server import (phone_settings_from_args, policy_from_args,
+                                             ssl_context_from_args)
     if (args.min_replicas is None) != (args.max_replicas is None):
         print("error: --min-replicas and --max-replicas go together", file=sys.stderr)
         return 2
@@ -114,6 +116,7 @@ def run_cluster(args) -> int:
         return 2
     try:
         ssl_context = ssl_context_from_args(args)
+        args.phone = phone_settings_from_args(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -157,6 +160,7 @@ def _settings(args, resources: dict) -> tuple[dict, int, float]:
         "idle_timeout_s": args.idle_timeout or None,
         "max_conversation_s": args.max_conversation_s or None,
         "profile_stages": args.profile_stages or None,
+        "phone": args.phone,  # each replica answers the webhooks the gateway forwards
     }
     return settings, replicas, 1.0 if device == "cuda" else 0.0
 
@@ -175,7 +179,8 @@ async def _run(args, policy, ssl_context) -> int:
     handle = await asyncio.to_thread(
         deploy, settings, replicas=replicas, min_replicas=args.min_replicas,
         max_replicas=args.max_replicas, num_gpus=num_gpus)
-    gateway = Gateway(handle, registry, args.max_sessions, policy, settings["internal_token"])
+    gateway = Gateway(handle, registry, args.max_sessions, policy, settings["internal_token"],
+                      phone=args.phone)
     _warn_if_exposed(args.host, policy, ssl_context)
     size = (f"{args.min_replicas}-{args.max_replicas} replicas (autoscaling)" if autoscale
             else f"{replicas} replicas")

@@ -74,7 +74,7 @@ class ReplicaServer:
                         max_offer_bytes=s["max_offer_bytes"], idle_timeout_s=s["idle_timeout_s"],
                         max_conversation_s=s["max_conversation_s"])
         app = create_app(self.agent, policy=policy, profile_stages=s["profile_stages"],
-                         utterance_rule=s["utterance_rule"])
+                         utterance_rule=s["utterance_rule"], phone=s["phone"])
         app.middlewares.append(self._ticket_middleware())  # inside the guard: token checked first
         runner = web.AppRunner(app, shutdown_timeout=5.0, access_log_class=RedactingAccessLogger)
         await runner.setup()

@@ -1,0 +1,3 @@
+"""Phone calls: Twilio Media Streams (and the close variants of SignalWire, Telnyx, Fonoster)
+bridged to conversations. `webhook` answers the call's webhook and admits its media stream;
+`twilio` is the stream itself."""
