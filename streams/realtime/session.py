@@ -84,6 +84,9 @@ class RealtimeCounters:
     cancelled_responses: int = 0
     muted_frames: int = 0  # agent frames withheld after a cancel or truncation
     unheard_input_ms: int = 0  # audio appended while the conversation could not open
+    client_items: int = 0  # conversation.item.create
+    truncated_items: int = 0  # conversation.item.truncate (a barge-in, as frameworks send it)
+    deleted_items: int = 0
     forgotten_items: int = 0  # the oldest items of a session beyond its item limits
     ended_by_limits: int = 0
     engine_errors: int = 0
@@ -194,6 +197,10 @@ class RealtimeSession:
         accepted as not in effect (logged once); returns an error per malformed field."""
         update = self.config.updated(session)
         new, old, ignore = update.config, self.config, update.ignore
+        if new.instructions and not self.agent.voices():
+            ignore("session.instructions", "this checkpoint has no persona training: it cannot "
+                                           "take instructions")
+            new.instructions = None
         if self.conv is not None:
             for name, param in (("voice", "session.audio.output.voice"),
                                 ("instructions", "session.instructions")):
@@ -208,10 +215,6 @@ class RealtimeSession:
                 except ProtocolError as e:
                     update.errors.append(e)
                     new.voice = old.voice
-            if new.instructions and not self.agent.voices():
-                ignore("session.instructions", "this checkpoint has no persona training: it "
-                                               "cannot take instructions")
-                new.instructions = None
         if new.transcription is not None and self.endpoint.transcriber is None:
             ignore("session.audio.input.transcription", "no speech-to-text model is loaded")
         if new.turn_detection != old.turn_detection:
@@ -333,6 +336,7 @@ class RealtimeSession:
             raise ProtocolError("invalid_type", "previous_item_id must be an item id",
                                 "previous_item_id")
         previous = self._insert(item, after)
+        self.endpoint.counters.client_items += 1
         joins_prompt = (self.conv is None and item["type"] == "message" and item.get("role") in
                         ("system", "developer") and bool(self.agent.voices()))
         if not joins_prompt:
@@ -367,6 +371,7 @@ class RealtimeSession:
                                 "milliseconds, 0 or more", "audio_end_ms")
         events = self._cancel_response() if speech is self.response else []
         kept = speech.truncate(end_ms)
+        self.endpoint.counters.truncated_items += 1
         self.items.update(speech.item())
         await self.emit(*events, {"type": "conversation.item.truncated", "item_id": item_id,
                                   "content_index": 0, "audio_end_ms": kept})
@@ -376,6 +381,7 @@ class RealtimeSession:
         speaking = self.response is not None and self.items.speech(item_id) is self.response
         events = self._cancel_response() if speaking else []
         self.items.remove(item_id)
+        self.endpoint.counters.deleted_items += 1
         await self.emit(*events, {"type": "conversation.item.deleted", "item_id": item_id})
 
     async def _retrieve_item(self, event: dict) -> None:
