@@ -509,7 +509,8 @@ async def test_session_update_applies_field_by_field(server, session, caplog):
             assert error["error"]["param"] == "session.audio.output.format"
             updated = (await next_event(ws))["session"]
     notes = [r.getMessage() for r in caplog.records if "not in effect" in r.getMessage()]
-    ignored = {"session.model", "session.instructions", "session.tools", "session.audio.input.noise_reduction",
+    ignored = {"session.model", "session.instructions", "session.tools",
+               "session.audio.input.noise_reduction",
                "session.audio.input.transcription", "session.audio.input.turn_detection.type",
                "session.audio.input.turn_detection.interrupt_response",
                "session.audio.output.voice", "session.audio.output.speed"}

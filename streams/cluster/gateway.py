@@ -251,8 +251,8 @@ class Gateway:
             hold = await self.reserve_slot(client, "websocket")
         except ClusterFull:
             return await refuse("full", "server_full", f"server full: all "
-                                f"{self.max_conversations} conversations are in use, try again later",
-                                503)
+                                f"{self.max_conversations} conversations are in use, try again "
+                                "later", 503)
         except NoReplica as e:
             return await refuse("replica", "server_error", str(e), 503)
         query = {k: v for k, v in request.query.items() if k != "token"}

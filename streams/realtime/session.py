@@ -80,7 +80,7 @@ class RealtimeCounters:
     settings_not_in_effect: int = 0  # accepted settings the model cannot honour, once a session
     responses: int = 0
     requested_responses: int = 0  # by response.create
-    empty_responses: int = 0  # requested, and the agent did not speak in time
+    empty_responses: int = 0  # requested, ended without an utterance (none in time, or cancelled)
     cancelled_responses: int = 0
     muted_frames: int = 0  # agent frames withheld after a cancel or truncation
     unheard_input_ms: int = 0  # audio appended while the conversation could not open
