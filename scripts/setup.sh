@@ -34,4 +34,14 @@ overrides=$(mktemp); printf 'torch==%s\naiohttp>=3.10.5,<3.12\n' "${torch_versio
 extra="[cluster]"; [ "$mode" = test ] && extra="[test,cluster]"
 .venv/bin/uv pip install -q --python .venv/bin/python --override "$overrides" -e ".${extra}"
 rm -f "$overrides"
+if [ "$mode" = test ]; then
+  # pipecat and LiveKit Agents, the Realtime API's framework clients, in a virtualenv of their own
+  # (tests/clients/requirements.txt says why); they need Python >= 3.11.
+  if "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    [ -x .venv-clients/bin/python ] || "$python" -m venv .venv-clients
+    .venv/bin/uv pip install -q --python .venv-clients/bin/python -r tests/clients/requirements.txt
+  else
+    echo "setup: Python < 3.11: the framework clients (.venv-clients) are not installed; their tests skip"
+  fi
+fi
 echo "setup: ready (torch ${torch_version}); activate with: source .venv/bin/activate"

@@ -190,6 +190,11 @@ async def test_conversations_spread_over_replicas_and_the_fifth_is_refused(clust
         refused_in = time.monotonic() - t0
         async with session.post(f"{cluster.url}/offer", json={"sdp": "v=0", "type": "offer"}) as r:
             assert r.status == 503 and (await r.json())["capacity"] == REPLICAS * SLOTS
+        # A Realtime client is refused before the upgrade, as serve refuses it.
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(f"{cluster.url}/v1/realtime",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+        assert refused.value.status == 503
 
         await talk(clients, speech, 5)  # all four are served
         for client in clients:

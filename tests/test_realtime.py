@@ -9,6 +9,7 @@ responses is chosen from that reference output (its median frame level), so ther
 import asyncio
 import audioop
 import base64
+import contextlib
 import dataclasses
 import json
 import time
@@ -114,16 +115,25 @@ def vad_speech_span(pcm16: np.ndarray) -> tuple[float, float]:
     return voiced[0] * 0.03, (voiced[-1] + 1) * 0.03
 
 
-@pytest.fixture
-async def server(agent, rule, tmp_path):
+@contextlib.asynccontextmanager
+async def serving(agent, rule, tmp_path):
+    """`serve`'s app on a free port of 127.0.0.1; yields its base URL."""
     policy = Policy(auth_token=TOKEN, max_message_bytes=MAX_MESSAGE)
     runner = web.AppRunner(create_app(agent, static_dir=tmp_path, policy=policy,
                                       utterance_rule=rule))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
     assert agent.active == 0
+
+
+@pytest.fixture
+async def server(agent, rule, tmp_path):
+    async with serving(agent, rule, tmp_path) as url:
+        yield url
 
 
 def sdk(url: str, token: str = TOKEN):
@@ -258,7 +268,10 @@ async def test_cancel_mutes_the_rest_of_the_utterance(server, speech, reference,
         await rx.until(lambda ev: any(
             e.type == "response.done" and e.response.status == "cancelled" for e in ev))
         before = len(rx.events)
-        await conn.response.cancel(response_id=rid)  # no longer in progress: an error
+        # Over already: nothing to do, no error (the agent's own silence may end a response
+        # while the client's cancel is on its way). A response that never was is an error.
+        await conn.response.cancel(response_id=rid, event_id="late")
+        await conn.response.cancel(response_id="resp_nope", event_id="unknown")
         await rx.until(lambda ev: any(e.type == "error" for e in ev[before:]))
         sender.cancel()
         rx.stop()
@@ -268,8 +281,8 @@ async def test_cancel_mutes_the_rest_of_the_utterance(server, speech, reference,
     assert done.response.status_details.reason == "client_cancelled"
     cut = events.index(done)
     assert not any(getattr(e, "response_id", None) == rid for e in events[cut + 1:])
-    assert next(e for e in events[before:] if e.type == "error").error.code == \
-        "response_cancel_not_active"
+    errors = [e.error for e in events[before:] if e.type == "error"]
+    assert [(e.code, e.event_id) for e in errors] == [("response_cancel_not_active", "unknown")]
 
 
 async def test_g711_round_trip(server, speech):
@@ -299,6 +312,86 @@ async def test_g711_round_trip(server, speech):
     assert abs(sum(sizes) - 640 * len(sizes)) < 640
     out = np.frombuffer(audioop.ulaw2lin(b"".join(deltas), 2), "<i2")
     assert np.abs(out).max() > 1000  # the agent's (noisy) voice, not silence
+
+
+async def test_items_and_requested_responses(agent, rule, tmp_path, speech):
+    """Items are kept and answered (added/done, retrieved, deleted, truncated at an audio time
+    with their transcript); response.create is answered at once with its metadata, and the
+    response completes empty when the agent does not speak in time, or holds its next
+    utterance."""
+    def of(kind, **match):
+        return [e for e in rx.events if e.type == kind and all(
+            getattr(e, k, None) == v for k, v in match.items())]
+
+    async with serving(agent, dataclasses.replace(rule, response_wait_s=1.0), tmp_path) as url:
+        async with sdk(url).realtime.connect(model="gpt-realtime") as conn:
+            rx = Receiver(conn)
+            await conn.conversation.item.create(item={
+                "id": "u1", "type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "Hi there."}]})
+            await conn.conversation.item.create(previous_item_id="root", item={
+                "id": "s1", "type": "message", "role": "system",
+                "content": [{"type": "input_text", "text": "Be brief."}]})
+            await conn.conversation.item.retrieve(item_id="u1")
+            await conn.conversation.item.delete(item_id="s1")
+            # No audio yet, so the agent is silent: the response asked for completes empty.
+            await conn.response.create(response={"metadata": {"turn": "1"}})
+            await rx.until(lambda ev: any(e.type == "response.done" for e in ev))
+            assert [(e.item.id, e.previous_item_id) for e in of("conversation.item.added")] == [
+                ("u1", None), ("s1", None)]
+            (retrieved,) = of("conversation.item.retrieved")
+            assert retrieved.item.content[0].text == "Hi there."
+            assert [e.item_id for e in of("conversation.item.deleted")] == ["s1"]
+            (created,), (done,) = of("response.created"), of("response.done")
+            assert created.response.metadata == {"turn": "1"} == done.response.metadata
+            assert done.response.id == created.response.id and done.response.output == []
+            assert done.response.status == "completed"
+
+            sender = asyncio.create_task(stream(
+                lambda a: conn.input_audio_buffer.append(audio=a), speech, SAMPLE_RATE,
+                lambda x: x.astype("<i2").tobytes()))
+            await rx.until(lambda ev: any(e.type == "response.output_audio.delta" for e in ev))
+            await conn.response.create(response={"metadata": {"turn": "2"}})
+            await rx.until(lambda ev: any(
+                e.type == "response.created" and e.response.metadata == {"turn": "2"}
+                for e in ev))
+            rid = next(e.response.id for e in of("response.created")
+                       if e.response.metadata == {"turn": "2"})
+            await rx.until(lambda ev: any(e.type == "response.output_audio.delta"
+                                          and e.response_id == rid for e in ev))
+            (added,) = of("response.output_item.added", response_id=rid)
+            item_id = added.item.id
+            sent_ms = sum(len(base64.b64decode(e.delta)) for e in of(
+                "response.output_audio.delta", response_id=rid)) // 48  # 24 kHz pcm16
+            await conn.conversation.item.truncate(item_id=item_id, content_index=0,
+                                                  audio_end_ms=sent_ms // 2)
+            await rx.until(lambda ev: any(e.type == "conversation.item.truncated" for e in ev))
+            await conn.conversation.item.retrieve(item_id=item_id)
+            await rx.until(lambda ev: any(e.type == "conversation.item.retrieved"
+                                          and e.item.id == item_id for e in ev))
+            sender.cancel()
+            rx.stop()
+    # What was said by the truncation point, by the deltas' order: text of a frame follows its
+    # audio.
+    at_ms, said = 0, []
+    for e in rx.events:
+        if getattr(e, "response_id", None) != rid:
+            continue
+        if e.type == "response.output_audio.delta":
+            at_ms += len(base64.b64decode(e.delta)) // 48
+        elif e.type == "response.output_audio_transcript.delta":
+            said.append((at_ms, e.delta))
+    (truncated,) = of("conversation.item.truncated")
+    assert truncated.item_id == item_id and truncated.audio_end_ms == sent_ms // 2
+    retrieved = of("conversation.item.retrieved")[-1].item
+    assert retrieved.content[0].transcript == "".join(
+        text for t, text in said if t <= sent_ms // 2)
+    (done,) = [e for e in of("response.done") if e.response.id == rid]
+    assert done.response.metadata == {"turn": "2"}
+    # Truncated while it spoke, the response is cancelled (and the rest of the utterance muted).
+    assert done.response.status in ("cancelled", "completed")
+    assert {e.item_id for e in rx.events if getattr(e, "response_id", None) == rid
+            and e.type == "response.output_audio.delta"} == {item_id}
 
 
 @pytest.mark.parametrize("kind,decode", [("audio/pcmu", audioop.ulaw2lin),
@@ -338,6 +431,8 @@ async def next_event(ws, kind: str | None = None, timeout: float = 5.0) -> dict:
 
 
 async def test_bad_events_get_errors_and_the_session_goes_on(server, session, speech):
+    """Malformed events and values get an error naming the offending event_id; the session goes
+    on. A session.update still applies its valid fields."""
     ws = await raw_connect(session, server)
     assert (await next_event(ws))["type"] == "session.created"
     chunk = base64.b64encode(speech[:480].tobytes()).decode()
@@ -350,14 +445,18 @@ async def test_bad_events_get_errors_and_the_session_goes_on(server, session, sp
         ({"type": "input_audio_buffer.append", "event_id": "e4", "audio": "A" * (MAX_MESSAGE + 4)},
          "message_too_large"),
         ({"type": "conversation.item.create", "event_id": "e5", "item": {
-            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}},
-         "unsupported"),
-        ({"type": "response.create", "event_id": "e6", "response": {"instructions": "be brief"}},
-         "unsupported"),
-        ({"type": "session.update", "event_id": "e7", "session": {"output_modalities": ["text"]}},
-         "unsupported"),
+            "type": "message", "role": "robot", "content": []}}, "invalid_value"),
+        ({"type": "response.create", "event_id": "e6", "response": "now"}, "invalid_type"),
+        ({"type": "session.update", "event_id": "e7", "session": {"instructions": 5}},
+         "invalid_type"),
         ({"type": "input_audio_buffer.commit", "event_id": "e8"},
          "input_audio_buffer_commit_empty"),
+        ({"type": "conversation.item.truncate", "event_id": "e9", "item_id": "item_nope",
+          "content_index": 0, "audio_end_ms": 10}, "item_truncate_invalid_item_id"),
+        ({"type": "conversation.item.retrieve", "event_id": "e10", "item_id": ["x"]},
+         "item_retrieve_invalid_item_id"),
+        ({"type": "response.cancel", "event_id": "e11", "response_id": "resp_nope"},
+         "response_cancel_not_active"),
     ]
     for event, code in bad:
         await ws.send_str(json.dumps(event))
@@ -365,6 +464,8 @@ async def test_bad_events_get_errors_and_the_session_goes_on(server, session, sp
         assert error["type"] == "error", error
         assert error["error"]["code"] == code and error["error"]["event_id"] == event["event_id"]
         assert error["error"]["message"]
+        if event["type"] == "session.update":  # the rest of the update applies
+            assert (await next_event(ws))["type"] == "session.updated"
     await ws.send_str("not json at all")
     assert (await next_event(ws))["error"]["code"] == "invalid_json"
     # Still alive: a good update and audio are taken.
@@ -375,13 +476,54 @@ async def test_bad_events_get_errors_and_the_session_goes_on(server, session, sp
     await ws.send_str(json.dumps({"type": "input_audio_buffer.commit", "event_id": "c1"}))
     committed = await next_event(ws)
     assert committed["type"] == "input_audio_buffer.committed", committed
-    await ws.send_str(json.dumps({"type": "session.update", "event_id": "e9",
-                                  "session": {"audio": {"output": {"voice": "NATF0.pt"}}}}))
-    error = await next_event(ws, "error")  # the conversation is open: the voice is fixed
-    assert error["error"]["event_id"] == "e9"
     stats = await (await session.get(f"{server}/api/stats",
                                      headers={"Authorization": f"Bearer {TOKEN}"})).json()
-    assert stats["realtime"]["bad_events"] == len(bad) + 1 and stats["realtime"]["too_big"] == 1
+    # The oversized event counts as too big, the message that is not JSON as a bad event.
+    assert stats["realtime"]["bad_events"] == len(bad) and stats["realtime"]["too_big"] == 1
+    await ws.close()
+
+
+async def test_session_update_applies_field_by_field(server, session, caplog):
+    """A framework's default session (LiveKit's, here, plus a malformed output format): every
+    field applies or is accepted as not in effect, reported as it is in effect and logged once;
+    only the malformed one gets an error, naming its param."""
+    ws = await raw_connect(session, server, model="gpt-realtime")
+    created = await next_event(ws)
+    assert created["session"]["model"] == "tiny-random"  # whatever name the client asked for
+    update = {"type": "session.update", "event_id": "u1", "session": {
+        "type": "realtime", "model": "gpt-realtime", "output_modalities": ["audio"],
+        "instructions": "You are a helpful assistant.", "tool_choice": "auto",
+        "max_output_tokens": "inf", "tracing": None, "tools": [
+            {"type": "function", "name": "lookup", "parameters": {"type": "object"}}],
+        "audio": {
+            "input": {"format": {"type": "audio/pcmu"}, "noise_reduction": {"type": "near_field"},
+                      "transcription": {"model": "gpt-4o-mini-transcribe"},
+                      "turn_detection": {"type": "semantic_vad", "eagerness": "medium",
+                                         "create_response": True, "interrupt_response": True}},
+            "output": {"format": {"type": "audio/opus"}, "voice": "marin", "speed": 1.2}}}}
+    with caplog.at_level("INFO", logger="duplex_agent.streams.realtime.session"):
+        for _ in range(2):
+            await ws.send_str(json.dumps(update))
+            error = await next_event(ws)
+            assert error["type"] == "error" and error["error"]["event_id"] == "u1"
+            assert error["error"]["param"] == "session.audio.output.format"
+            updated = (await next_event(ws))["session"]
+    notes = [r.getMessage() for r in caplog.records if "not in effect" in r.getMessage()]
+    ignored = {"session.model", "session.instructions", "session.tools",
+               "session.audio.input.noise_reduction",
+               "session.audio.input.transcription", "session.audio.input.turn_detection.type",
+               "session.audio.input.turn_detection.interrupt_response",
+               "session.audio.output.voice", "session.audio.output.speed"}
+    assert sorted(n.split()[3] for n in notes) == sorted(ignored)  # once each, though sent twice
+    audio = updated["audio"]
+    assert audio["input"]["format"]["type"] == "audio/pcmu"  # applied
+    assert audio["output"]["format"]["type"] == "audio/pcm"  # unchanged: the bad value
+    assert audio["input"]["transcription"] is None and audio["input"]["noise_reduction"] is None
+    assert audio["input"]["turn_detection"]["type"] == "server_vad"
+    assert audio["input"]["turn_detection"]["interrupt_response"] is False
+    assert audio["output"]["voice"] is None and audio["output"]["speed"] == 1.0
+    assert updated["instructions"] == "" and updated["tools"] == []
+    assert updated["model"] == "tiny-random"
     await ws.close()
 
 
@@ -398,10 +540,10 @@ async def test_refusals(server, session, agent):
     assert ws.protocol == "realtime" and (await next_event(ws))["type"] == "session.created"
     await ws.close()
 
-    ws = await raw_connect(session, server, model="gpt-realtime")
-    error = await next_event(ws)
-    assert error["type"] == "error" and error["error"]["code"] == "model_not_found"
-    assert (await ws.receive()).type == aiohttp.WSMsgType.CLOSE
+    # Refused before the upgrade, with an HTTP status: bad sampling parameters ...
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await raw_connect(session, server, seed="seven")
+    assert refused.value.status == 400
 
     calls = f"{server}/v1/realtime/calls"
     auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -416,9 +558,10 @@ async def test_refusals(server, session, agent):
 
     held = [agent.open() for _ in range(CAPACITY)]  # every slot taken
     try:
-        async with sdk(server).realtime.connect(model="tiny-random") as conn:
-            event = await conn.recv()  # the first event is the refusal: nothing waits for a slot
-        assert event.type == "error" and event.error.code == "server_full"
+        with pytest.raises(InvalidStatus) as refused:  # ... and a full server
+            async with sdk(server).realtime.connect(model="tiny-random"):
+                pass
+        assert refused.value.response.status_code == 503
         async with session.post(calls, data="v=0\r\n", headers={
                 **auth, "Content-Type": "application/sdp"}) as r:
             assert r.status == 503 and "full" in (await r.json())["error"]
@@ -581,8 +724,10 @@ async def test_time_limits(agent, tmp_path):
 
 
 async def test_persona_from_session(tmp_path):
-    """instructions and audio.output.voice become the conversation's text and voice prompts when
-    it opens (first audio); unknown voices and later changes are error events."""
+    """instructions, audio.output.voice and the system text items added before the first audio
+    become the conversation's text and voice prompts when it opens; OpenAI's voice names are
+    accepted and leave the checkpoint's, unknown ones are errors; later changes are reported as
+    not in effect."""
     persona = Agent.load("tiny-random-personaplex", device="cpu", max_conversations=1)
     runner = web.AppRunner(create_app(persona, static_dir=tmp_path))
     await runner.setup()
@@ -593,10 +738,15 @@ async def test_persona_from_session(tmp_path):
                                       ).realtime.connect(model="tiny-random-personaplex") as conn:
             assert (await conn.recv()).type == "session.created"
             await conn.session.update(session={"type": "realtime", "audio": {
-                "output": {"voice": "alloy"}}}, event_id="bad-voice")
+                "output": {"voice": "NATX9"}}}, event_id="bad-voice")
             error = await conn.recv()
             assert error.type == "error" and error.error.event_id == "bad-voice"
             assert "NATF0.pt" in error.error.message  # the available voices are listed
+            assert (await conn.recv()).type == "session.updated"
+            await conn.session.update(session={"type": "realtime", "audio": {
+                "output": {"voice": "alloy"}}})
+            updated = await conn.recv()
+            assert updated.type == "session.updated" and updated.session.audio.output.voice is None
             await conn.session.update(session={"type": "realtime", "instructions": "You are a "
                                                "patient teacher.", "audio": {"output": {
                                                    "voice": "NATM1"}}})
@@ -610,13 +760,20 @@ async def test_persona_from_session(tmp_path):
             assert "prompt" in error.error.message and not persona.conversations()
             await conn.session.update(session={"type": "realtime", "instructions": "Teach."})
             assert (await conn.recv()).type == "session.updated"
+            await conn.conversation.item.create(item={
+                "type": "message", "role": "system",
+                "content": [{"type": "input_text", "text": "Kind."}]})
+            assert (await conn.recv()).type == "conversation.item.added"
+            assert (await conn.recv()).type == "conversation.item.done"
             await conn.input_audio_buffer.append(audio=frame)  # opens the conversation
-            await conn.session.update(session={"type": "realtime", "instructions": "Be rude."},
-                                      event_id="late")
-            error = await conn.recv()
-            assert error.type == "error" and error.error.event_id == "late"
+            await conn.session.update(session={"type": "realtime", "instructions": "Be rude.",
+                                               "audio": {"output": {"voice": "NATF0"}}})
+            updated = await conn.recv()
+            assert updated.type == "session.updated", updated
+            assert updated.session.instructions == "Teach."
+            assert updated.session.audio.output.voice == "NATM1.pt"
             (conv,) = persona.conversations()
-            assert conv.voice_prompt == "NATM1.pt" and conv.text_prompt == "Teach."
+            assert conv.voice_prompt == "NATM1.pt" and conv.text_prompt == "Teach.\nKind."
     finally:
         await runner.cleanup()
         persona.close()

@@ -225,55 +225,67 @@ class Gateway:
 
     # -- websockets: relayed to the replica that holds the conversation -------------------------
     async def handle_websocket(self, request):
-        """Refusals keep each protocol's shape, after the upgrade: a 0x05 message on
-        `/api/chat`, an `error` event on `/v1/realtime`."""
+        """Refusals keep each protocol's shape: on `/api/chat` a 0x05 message after the upgrade;
+        on `/v1/realtime` an HTTP status before it, as `serve` refuses (a Realtime client whose
+        socket opens and closes reconnects at once), the replica's own refusal passed on."""
         import aiohttp
         from aiohttp import web
 
         from duplex_agent.streams.moshi_ws import HEARTBEAT_S
+        from duplex_agent.streams.security import refusal, refuse_full
         protocol = "moshi" if request.path == "/api/chat" else "realtime"
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
                      if p.strip()]
         ws = web.WebSocketResponse(max_msg_size=self.policy.max_message_bytes + 1, autoclose=False,
                                    heartbeat=HEARTBEAT_S, protocols=protocols)
-        await ws.prepare(request)
 
-        async def refuse(reason: str, code: str, message: str):
+        async def refuse(reason: str, code: str, message: str, status: int, **extra):
             self.counters[f"refused_{reason}"] += 1
             self.metrics.refused(reason)
+            if protocol != "moshi":
+                return refuse_full(self) if reason == "full" else refusal(
+                    status, message, code=code, **extra)
+            await ws.prepare(request)
             await _ws_error(ws, protocol, code, message)
-            if protocol == "moshi":
-                await ws.close()
-            else:  # as streams/realtime/session.py refuses
-                await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=code.encode())
+            await ws.close()
             return ws
 
         client = request.remote or "unknown"
         limit = self.policy.max_per_client
         if limit and self.count(client) >= limit:
             return await refuse("per_client", "rate_limit_exceeded", f"too many conversations "
-                                f"from {client}: at most {limit} per client")
+                                f"from {client}: at most {limit} per client", 429, limit=limit)
         try:
             hold = await self.reserve_slot(client, "websocket")
         except ClusterFull:
             return await refuse("full", "server_full", f"server full: all "
-                                f"{self.max_conversations} conversations are in use, try again later")
+                                f"{self.max_conversations} conversations are in use, try again "
+                                "later", 503)
         except NoReplica as e:
-            return await refuse("replica", "server_error", str(e))
+            return await refuse("replica", "server_error", str(e), 503)
         query = {k: v for k, v in request.query.items() if k != "token"}
         try:
             upstream = await self.session.ws_connect(
                 hold.url + request.path, params=query, headers=self._upstream_headers(hold),
                 protocols=protocols, max_msg_size=0, heartbeat=HEARTBEAT_S)
+        except aiohttp.WSServerHandshakeError as e:
+            hold.release()
+            if protocol != "moshi" and 400 <= e.status < 500:  # the replica refused the client's request
+                return refusal(e.status, e.message or "refused by the replica")
+            return await refuse("replica", "server_error",
+                                f"the replica {hold.replica} refused the connection: {e}", 502)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             hold.release()
             return await refuse("replica", "server_error",
-                                f"the replica {hold.replica} cannot be reached: {e}")
+                                f"the replica {hold.replica} cannot be reached: {e}", 502)
         self._sockets.add(ws)
         try:
+            await ws.prepare(request)
             await self._relay(ws, upstream, hold, protocol)
         finally:
             self._sockets.discard(ws)
+            if not upstream.closed:
+                await upstream.close()
             hold.release()
         return ws
 

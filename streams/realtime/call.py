@@ -165,10 +165,9 @@ def add_call_route(app: web.Application, endpoint) -> None:
         call = RealtimeCall(endpoint, request.remote or "unknown", sampling)
         try:
             if session is not None:
-                config = call.session.config.updated(session)
-                if config.voice is not None or config.instructions:
-                    call.session._check_persona(config)
-                call.session.config = config
+                errors = await call.session.configure(session)
+                if errors:  # a malformed offer: nothing is set up yet
+                    raise errors[0]
             call.session._open()
         except Fatal:
             endpoint.counters.refused_full += 1

@@ -1,24 +1,33 @@
 """The OpenAI Realtime API over the agent: `GET /v1/realtime` (websocket) and
 `POST /v1/realtime/calls` (WebRTC, events on the `oai-events` data channel).
 
-A product written against the Realtime API (the official SDKs, pipecat's or LiveKit's realtime
-services, telephony bridges) switches to this server by changing its base URL. The mapping of a
-full-duplex stream onto the protocol's request/response shape is in README.md ("Realtime API");
-the protocol's pieces (session config, codecs, utterance cutting) are in streams/realtime/events.py.
+A product written against the Realtime API (the official SDKs, pipecat's and LiveKit's realtime
+services with their defaults, telephony bridges) switches to this server by changing its base
+URL. The mapping of a full-duplex stream onto the protocol's request/response shape is in
+README.md ("The OpenAI Realtime API"); the protocol's pieces (session config, items, responses,
+codecs, utterance cutting) are in streams/realtime/events.py.
+
+The rule: a client's mistakes (malformed events and values) get an `error` naming the param, and
+the session goes on; a setting the model cannot honour is accepted, reported as what is in effect
+(`session.updated`, items, responses), and logged once per session. Frameworks treat most errors
+as fatal, and their default traffic carries many such settings.
 
 - One Realtime session is one engine conversation, batched with all the others. On the websocket
-  it opens at the first `input_audio_buffer.append`, with the session's `instructions` (text
-  prompt) and `audio.output.voice` (voice prompt) as they are then; a later change of either is an
-  error. A WebRTC call opens it at the POST, with the offer's `session`.
+  it opens at the first `input_audio_buffer.append`, with the session's `instructions` (and, on
+  persona checkpoints, the system/developer text items added before it) as text prompt and
+  `audio.output.voice` as voice prompt; both are fixed from then on. A WebRTC call opens it at
+  the POST, with the offer's `session`.
 - Input audio goes to the model as it arrives (there is no buffer to commit); webrtcvad on the same
   audio gives `input_audio_buffer.speech_started`/`_stopped` and the user's items.
 - The agent's stream becomes responses: one utterance (first voiced frame to a stretch of silence)
-  is one response; between responses nothing is sent. `response.cancel` ends the response
-  (`cancelled`) and mutes the rest of that utterance, transport-side, until the model falls silent.
+  is one response; between responses nothing is sent. `response.create` opens a response at once
+  that takes the agent's current or next utterance. `response.cancel` and the truncation or
+  deletion of a speaking item end the response (`cancelled`) and mute the rest of that utterance,
+  transport-side, until the model falls silent.
 - Sampling comes from the URL query, as on /api/chat (`seed`, `text_temperature`, ...).
-- Refusals: wrong token 401 and bad Origin 403 (streams/security.py); a full server, a client over
-  its limit, a wrong `model=` or bad sampling get an `error` event and the socket closes. A bad
-  client event gets an `error` event naming its `event_id`, and the session goes on.
+- Refusals come before the websocket upgrade, as HTTP statuses: wrong token 401 and bad Origin
+  403 (streams/security.py), bad sampling 400, a client over its limit 429, a full server 503.
+  Any `model` name is served by the loaded checkpoint.
 """
 from __future__ import annotations
 
@@ -28,7 +37,7 @@ import logging
 import re
 import time
 import weakref
-from collections import deque
+from collections import defaultdict, deque
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 
@@ -37,12 +46,15 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from duplex_agent.agent.api import (AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut,
                                     percentile)
-from duplex_agent.agent.config import sampling_from_params
+from duplex_agent.agent.config import SAMPLE_RATE, sampling_from_params
 from duplex_agent.agent.turns import TurnTaking
-from duplex_agent.streams.realtime.events import (AudioEncoder, ProtocolError, Response,
+from duplex_agent.streams.realtime.events import (BUILTIN_VOICES, AudioEncoder,
+                                                  ConversationItems, ProtocolError, Response,
                                                   SessionConfig, UtteranceRule, Utterances,
-                                                  decode_audio, error_event, new_id,
+                                                  client_item, decode_audio, error_event,
+                                                  item_text, new_id, user_audio_item,
                                                   user_item_events, vad_timing)
+from duplex_agent.streams.security import refusal, refuse_full
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +63,8 @@ CALLS_PATH = "/v1/realtime/calls"
 HEARTBEAT_S = 20.0
 HARD_LIMIT_FACTOR = 4  # messages up to 4x --max-message-bytes get an error event; larger close
 MAX_PENDING_TEXT = 4096  # transcript held between responses (characters)
-# OpenAI's built-in voices: on a checkpoint without personas they are accepted and change nothing.
-BUILTIN_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer",
-                            "verse", "marin", "cedar"})
+RECENT_RESPONSES = 64  # ids of ended responses a late response.cancel may name
+RECENT_USER_ITEMS = 64  # user speech spans kept for attributing transcripts
 
 
 @dataclass
@@ -63,13 +74,20 @@ class RealtimeCounters:
     calls: int = 0  # WebRTC
     refused_full: int = 0
     refused_per_client: int = 0
-    bad_requests: int = 0  # wrong model, bad sampling parameters, bad offers
-    bad_events: int = 0  # client events answered with an error event
+    bad_requests: int = 0  # bad sampling parameters, beta clients, bad offers
+    bad_events: int = 0  # client events (or session fields) answered with an error event
     too_big: int = 0
+    settings_not_in_effect: int = 0  # accepted settings the model cannot honour, once a session
     responses: int = 0
+    requested_responses: int = 0  # by response.create
+    empty_responses: int = 0  # requested, ended without an utterance (none in time, or cancelled)
     cancelled_responses: int = 0
-    muted_frames: int = 0  # agent frames withheld after response.cancel
+    muted_frames: int = 0  # agent frames withheld after a cancel or truncation
     unheard_input_ms: int = 0  # audio appended while the conversation could not open
+    client_items: int = 0  # conversation.item.create
+    truncated_items: int = 0  # conversation.item.truncate (a barge-in, as frameworks send it)
+    deleted_items: int = 0
+    forgotten_items: int = 0  # the oldest items of a session beyond its item limits
     ended_by_limits: int = 0
     engine_errors: int = 0
 
@@ -89,14 +107,15 @@ class RealtimeSession:
         self.client, self.sampling = client, sampling
         self._send, self._close, self.audio_out = send, close, audio_out
         self.config = SessionConfig(id=new_id("sess"), model=endpoint.model)
+        self.items = ConversationItems()
         self.conv = None
         self.finished = False
         self._lock = asyncio.Lock()
         self._reservation = ExitStack()
         self._pump: asyncio.Task | None = None
-        self._refused_config = None  # the config an open failed with, not retried
+        self._refused_prompt = None  # the (voice, text) an open failed with, not retried
         self._conversation_id = new_id("conv")
-        self._last_item: str | None = None
+        self._noted: set[str] = set()  # params logged as not in effect
         # user side
         self._vad: TurnTaking | None = None
         self._vad_rate = 0
@@ -105,11 +124,21 @@ class RealtimeSession:
         self._speaking = False
         self._user_item: str | None = None
         self._uncommitted = 0.0  # seconds appended since the last commit
+        self._user_spans: deque[list] = deque(maxlen=RECENT_USER_ITEMS)  # [item, start, end]
+        self._user_text: defaultdict[str, list[str]] = defaultdict(list)
         # agent side
         self._utterances = Utterances(endpoint.rule)
         self._encoder = AudioEncoder(self.config.output_format)
         self.response: Response | None = None
         self._pending_text = ""
+        self._ended: deque[str] = deque(maxlen=RECENT_RESPONSES)
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiring: set[asyncio.Task] = set()
+
+    @property
+    def transcribing(self) -> bool:
+        """User transcripts are in effect: asked for, and a transcriber is loaded."""
+        return self.config.transcription is not None and self.endpoint.transcriber is not None
 
     # -- events out ------------------------------------------------------------------------------
     async def emit(self, *events: dict) -> None:
@@ -120,7 +149,16 @@ class RealtimeSession:
                 await self._send(event)
 
     async def start(self) -> None:
-        await self.emit({"type": "session.created", "session": self.config.to_json()})
+        await self.emit({"type": "session.created",
+                         "session": self.config.to_json(self.transcribing)})
+
+    def _note(self, param: str, why: str) -> None:
+        """A setting accepted but not in effect: logged once per session."""
+        if param not in self._noted:
+            self._noted.add(param)
+            self.endpoint.counters.settings_not_in_effect += 1
+            log.info("realtime session %s: %s accepted, not in effect: %s", self.config.id,
+                     param, why)
 
     # -- events in -------------------------------------------------------------------------------
     async def handle(self, text: str) -> None:
@@ -139,41 +177,71 @@ class RealtimeSession:
                                     "type")
             await handler(self, event)
         except ProtocolError as e:
-            self.endpoint.counters.bad_events += 1
-            self.endpoint.metrics.websocket_error("bad_event")
-            await self.emit(error_event(e.code, e.message, event_id, e.param))
+            await self.emit(self._error(e, event_id))
             if isinstance(e, Fatal):
                 await self.finish()
 
+    def _error(self, e: ProtocolError, event_id) -> dict:
+        self.endpoint.counters.bad_events += 1
+        self.endpoint.metrics.websocket_error("bad_event")
+        return error_event(e.code, e.message, event_id, e.param)
+
     async def _session_update(self, event: dict) -> None:
-        new = self.config.updated(event.get("session"))
-        if (new.voice, new.instructions) != (self.config.voice, self.config.instructions):
-            self._check_persona(new)
-        if self.conv is not None and (new.voice, new.instructions) != (self.config.voice,
-                                                                       self.config.instructions):
-            raise ProtocolError("unsupported", "instructions and voice are fixed once the "
-                                "conversation has started (at the first audio): the agent was "
-                                "prefilled with them", "session")
-        if new.turn_detection != self.config.turn_detection:
+        errors = await self.configure(event.get("session"))
+        await self.emit(*(self._error(e, event.get("event_id")) for e in errors),
+                        {"type": "session.updated",
+                         "session": self.config.to_json(self.transcribing)})
+
+    async def configure(self, session) -> list[ProtocolError]:
+        """Apply a `session.update`'s `session` field by field: what is valid applies or is
+        accepted as not in effect (logged once); returns an error per malformed field."""
+        update = self.config.updated(session)
+        new, old, ignore = update.config, self.config, update.ignore
+        if new.instructions and not self.agent.voices():
+            ignore("session.instructions", "this checkpoint has no persona training: it cannot "
+                                           "take instructions")
+            new.instructions = None
+        if self.conv is not None:
+            for name, param in (("voice", "session.audio.output.voice"),
+                                ("instructions", "session.instructions")):
+                if getattr(new, name) != getattr(old, name):
+                    ignore(param, "fixed once the conversation has started (at the first "
+                                  "audio): the agent was prefilled with it")
+                    setattr(new, name, getattr(old, name))
+        else:
+            if new.voice != old.voice:
+                try:
+                    new.voice = self._voice_in_effect(new.voice, ignore)
+                except ProtocolError as e:
+                    update.errors.append(e)
+                    new.voice = old.voice
+        if new.transcription is not None and self.endpoint.transcriber is None:
+            ignore("session.audio.input.transcription", "no speech-to-text model is loaded")
+        if new.turn_detection != old.turn_detection:
             await self._reset_vad()
-        if new.output_format != self.config.output_format:
+        if new.output_format != old.output_format:
             self._encoder = AudioEncoder(new.output_format)
         self.config = new
-        await self.emit({"type": "session.updated", "session": new.to_json()})
+        for param, why in update.ignored:
+            self._note(param, why)
+        return update.errors
 
-    def _check_persona(self, config: SessionConfig) -> None:
-        """Refuse what the checkpoint cannot take; "NATF0" names the voice "NATF0.pt"."""
+    def _voice_in_effect(self, name: str | None, ignore) -> str | None:
+        """A voice of the checkpoint ("NATF0" names "NATF0.pt"); OpenAI's own voices are accepted
+        and leave the checkpoint's; other names are a mistake."""
+        param = "session.audio.output.voice"
         voices = self.agent.voices()
-        if config.voice is not None and f"{config.voice}.pt" in voices:
-            config.voice += ".pt"
-        if config.voice is not None and config.voice not in voices and not (
-                not voices and config.voice in BUILTIN_VOICES):
-            known = ", ".join(voices) if voices else "none: this checkpoint has one voice"
-            raise ProtocolError("invalid_value", f"unknown voice {config.voice!r}; available: "
-                                f"{known}", "session.audio.output.voice")
-        if config.instructions and not voices:
-            raise ProtocolError("unsupported", "this checkpoint has no persona training: it "
-                                "cannot take instructions", "session.instructions")
+        if name is None:
+            return None
+        for candidate in (name, f"{name}.pt"):
+            if candidate in voices:
+                return candidate
+        if name in BUILTIN_VOICES:
+            ignore(param, f"{name!r} is one of OpenAI's voices: the checkpoint speaks with its "
+                          "own voice")
+            return None
+        known = ", ".join(voices) if voices else "none: this checkpoint has one voice"
+        raise ProtocolError("invalid_value", f"unknown voice {name!r}; available: {known}", param)
 
     async def _append(self, event: dict) -> None:
         if self.audio_out is not None:
@@ -203,23 +271,32 @@ class RealtimeSession:
         self._uncommitted += len(pcm) / rate
         await self._detect_speech(pcm, rate, t)
 
+    def _text_prompt(self) -> str | None:
+        """The instructions, then the system/developer text items added so far (persona
+        checkpoints; elsewhere neither is in effect)."""
+        texts = [self.config.instructions] + [
+            item_text(item) for item in self.items.items()
+            if item.get("type") == "message" and item.get("role") in ("system", "developer")]
+        return "\n".join(t for t in texts if t) if self.agent.voices() else None
+
     def _open(self) -> bool:
         """Open the engine conversation with the session's prompts. False (reported once per
-        configuration) if the persona cannot be used; raises Fatal if the server is full."""
-        if self._refused_config is self.config:
+        prompt) if the persona cannot be used; raises Fatal if the server is full."""
+        voice, text = self.config.voice, self._text_prompt()
+        if self._refused_prompt == (voice, text):
             return False
         prompts = {}
-        if self.config.voice is not None and self.config.voice not in BUILTIN_VOICES:
-            prompts["voice_prompt"] = self.config.voice
-        if self.config.instructions:
-            prompts["text_prompt"] = self.config.instructions
+        if voice is not None:
+            prompts["voice_prompt"] = voice
+        if text:
+            prompts["text_prompt"] = text
         try:
             self.conv = self.agent.open(self.sampling, **prompts)
         except AgentFull:
             raise Fatal("server_full", f"server full: all {self.agent.max_conversations} "
                         "conversations are in use, try again later") from None
         except ValueError as e:  # PersonaError: a prompt the checkpoint cannot take
-            self._refused_config = self.config
+            self._refused_prompt = (voice, text)
             raise ProtocolError("invalid_value", f"cannot open the conversation: {e}",
                                 "session") from None
         self.endpoint.tracker.claim(self.conv, self.client, "realtime")
@@ -236,34 +313,132 @@ class RealtimeSession:
 
     def _commit_events(self, item_id: str) -> list[dict]:
         self._uncommitted = 0.0
-        previous, self._last_item = self._last_item, item_id
-        return user_item_events(item_id, previous)
+        item, previous = user_audio_item(item_id), self.items.last_id
+        self._insert(item)
+        return user_item_events(item, previous)
 
     async def _clear(self, event: dict) -> None:
         self._uncommitted = 0.0  # what the model heard stays heard
         await self.emit({"type": "input_audio_buffer.cleared"})
 
+    # -- conversation items ----------------------------------------------------------------------
+    def _insert(self, item: dict, previous_item_id=None, speech: Response | None = None
+                ) -> str | None:
+        before = self.items.forgotten
+        previous = self.items.insert(item, previous_item_id, speech)
+        self.endpoint.counters.forgotten_items += self.items.forgotten - before
+        return previous
+
+    async def _create_item(self, event: dict) -> None:
+        item = client_item(event.get("item"))
+        after = event.get("previous_item_id")
+        if after is not None and not isinstance(after, str):
+            raise ProtocolError("invalid_type", "previous_item_id must be an item id",
+                                "previous_item_id")
+        previous = self._insert(item, after)
+        self.endpoint.counters.client_items += 1
+        joins_prompt = (self.conv is None and item["type"] == "message" and item.get("role") in
+                        ("system", "developer") and bool(self.agent.voices()))
+        if not joins_prompt:
+            self._note("conversation.item.create", "the model hears only the audio stream: "
+                       "items are kept in the conversation, unheard (on persona checkpoints, "
+                       "system/developer text added before the first audio joins the text "
+                       "prompt)")
+        await self.emit({"type": "conversation.item.added", "item": item,
+                         "previous_item_id": previous},
+                        {"type": "conversation.item.done", "item": item,
+                         "previous_item_id": previous})
+
+    def _item_id(self, event: dict, code: str) -> str:
+        item_id = event.get("item_id")
+        if not isinstance(item_id, str) or item_id not in self.items:
+            raise ProtocolError(code, f"there is no item {item_id!r} in the conversation",
+                                "item_id")
+        return item_id
+
+    async def _truncate_item(self, event: dict) -> None:
+        item_id = self._item_id(event, "item_truncate_invalid_item_id")
+        speech = self.items.speech(item_id)
+        if speech is None:
+            raise ProtocolError("invalid_value", "only the agent's audio items can be truncated",
+                                "item_id")
+        if event.get("content_index", 0) != 0:
+            raise ProtocolError("invalid_value", "an agent item has one content part, index 0",
+                                "content_index")
+        end_ms = event.get("audio_end_ms")
+        if not (isinstance(end_ms, int) and not isinstance(end_ms, bool) and end_ms >= 0):
+            raise ProtocolError("invalid_value", "audio_end_ms must be a whole number of "
+                                "milliseconds, 0 or more", "audio_end_ms")
+        events = self._cancel_response() if speech is self.response else []
+        kept = speech.truncate(end_ms)
+        self.endpoint.counters.truncated_items += 1
+        self.items.update(speech.item())
+        await self.emit(*events, {"type": "conversation.item.truncated", "item_id": item_id,
+                                  "content_index": 0, "audio_end_ms": kept})
+
+    async def _delete_item(self, event: dict) -> None:
+        item_id = self._item_id(event, "item_delete_invalid_item_id")
+        speaking = self.response is not None and self.items.speech(item_id) is self.response
+        events = self._cancel_response() if speaking else []
+        self.items.remove(item_id)
+        self.endpoint.counters.deleted_items += 1
+        await self.emit(*events, {"type": "conversation.item.deleted", "item_id": item_id})
+
+    async def _retrieve_item(self, event: dict) -> None:
+        item_id = self._item_id(event, "item_retrieve_invalid_item_id")
+        await self.emit({"type": "conversation.item.retrieved", "item": self.items.get(item_id)})
+
+    # -- responses asked for ---------------------------------------------------------------------
+    async def _create_response(self, event: dict) -> None:
+        params = event.get("response") or {}
+        if not isinstance(params, dict):
+            raise ProtocolError("invalid_type", "response must be an object", "response")
+        metadata = params.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ProtocolError("invalid_type", "metadata must be an object", "response.metadata")
+        for key, value in params.items():
+            if value is not None and key not in ("metadata", "conversation") and not (
+                    key == "output_modalities" and value == ["audio"]):
+                self._note(f"response.{key}", "the agent's utterances follow the conversation; "
+                           "they cannot be steered per response")
+        # The agent has one stream: a response asked for while another is open takes over from
+        # it (an utterance in progress goes on in the new one; an empty one ends empty).
+        events = self._response_end("completed") if self.response is not None else []
+        self.endpoint.counters.requested_responses += 1
+        events += self._new_response(metadata).created_events()
+        if self._utterances.open:
+            events += self._start_item()
+        else:
+            self._expiry = asyncio.get_running_loop().call_later(
+                self.endpoint.rule.response_wait_s, self._expire, self.response)
+        await self.emit(*events)
+
+    def _expire(self, response: Response) -> None:
+        """The agent did not speak within the wait: the response it was asked for ends empty."""
+        self._expiry = None
+        if self.response is response and not response.started and not self.finished:
+            task = asyncio.create_task(self._emit_quietly(self._response_end("completed")))
+            self._expiring.add(task)
+            task.add_done_callback(self._expiring.discard)
+
+    async def _emit_quietly(self, events: list[dict]) -> None:
+        with suppress(ConnectionError):
+            await self.emit(*events)
+
     async def _cancel(self, event: dict) -> None:
         wanted = event.get("response_id")
-        if self.response is None or wanted not in (None, self.response.id):
-            raise ProtocolError("response_cancel_not_active", "there is no response in progress"
-                                + (f" with id {wanted!r}" if wanted else ""), "response_id")
-        self._utterances.cancel()
-        self.endpoint.counters.cancelled_responses += 1
-        await self.emit(*self._response_end("cancelled", "client_cancelled"))
+        if self.response is not None and wanted in (None, self.response.id):
+            self.endpoint.counters.cancelled_responses += 1
+            await self.emit(*self._cancel_response())
+        elif wanted is not None and wanted not in self._ended:
+            raise ProtocolError("response_cancel_not_active", "Cancellation failed: there is no "
+                                f"response with id {wanted!r}", "response_id")
+        # Else the response ended already (the agent's own silence ends it whenever it comes):
+        # there is nothing left to cancel.
 
-    async def _create_response(self, event: dict) -> None:
-        given = {k for k, v in (event.get("response") or {}).items() if v is not None}
-        if given - {"metadata", "conversation", "output_modalities", "audio"}:
-            raise ProtocolError("unsupported", "a full-duplex agent speaks when it decides to; "
-                                "response.create takes no per-response instructions, input or "
-                                f"tools (got {', '.join(sorted(given))})", "response")
-        # Bare response.create: nothing to do, the agent's next utterance is the response.
-
-    async def _unsupported(self, event: dict) -> None:
-        raise ProtocolError("unsupported", f"{event['type']} is not supported by a full-duplex "
-                            "speech model: stream audio with input_audio_buffer.append and the "
-                            "agent answers by itself", "type")
+    async def _clear_output(self, event: dict) -> None:
+        events = self._cancel_response() if self.response is not None else []
+        await self.emit(*events, {"type": "output_audio_buffer.cleared"})
 
     _HANDLERS = {
         "session.update": _session_update,
@@ -272,11 +447,11 @@ class RealtimeSession:
         "input_audio_buffer.clear": _clear,
         "response.cancel": _cancel,
         "response.create": _create_response,
-        "conversation.item.create": _unsupported,
-        "conversation.item.delete": _unsupported,
-        "conversation.item.retrieve": _unsupported,
-        "conversation.item.truncate": _unsupported,
-        "output_audio_buffer.clear": _unsupported,
+        "conversation.item.create": _create_item,
+        "conversation.item.delete": _delete_item,
+        "conversation.item.retrieve": _retrieve_item,
+        "conversation.item.truncate": _truncate_item,
+        "output_audio_buffer.clear": _clear_output,
     }
 
     # -- the user's speech -----------------------------------------------------------------------
@@ -295,6 +470,7 @@ class RealtimeSession:
             start, end = segments[self._seen]
             if not self._speaking:
                 self._speaking, self._user_item = True, new_id("item")
+                self._user_spans.append([self._user_item, start, None])
                 events.append({"type": "input_audio_buffer.speech_started",
                                "audio_start_ms": int(max(0.0, start - padding_s) * 1000),
                                "item_id": self._user_item})
@@ -306,6 +482,7 @@ class RealtimeSession:
     def _speech_stopped(self, end_s: float) -> list[dict]:
         self._seen += 1
         self._speaking, item, self._user_item = False, self._user_item, None
+        self._user_spans[-1][2] = end_s
         return [{"type": "input_audio_buffer.speech_stopped", "audio_end_ms": int(end_s * 1000),
                  "item_id": item}, *self._commit_events(item)]
 
@@ -314,6 +491,30 @@ class RealtimeSession:
         if self._speaking:
             await self.emit(*self._speech_stopped(self._input_s))
         self._vad, self._seen = None, 0
+
+    # -- user transcripts: the hook for a transcriber ----------------------------------------------
+    def user_item_at(self, t_s: float) -> str | None:
+        """The user item whose speech holds `t_s` (seconds of input audio, the VAD's clock), or
+        the last one that started before it; None before any speech."""
+        found = None
+        for item_id, start, _end in self._user_spans:
+            if start <= t_s:
+                found = item_id
+        return found
+
+    async def user_transcript_delta(self, item_id: str, text: str) -> None:
+        """Words a transcriber heard in the user's item `item_id`."""
+        self._user_text[item_id].append(text)
+        await self.emit({"type": "conversation.item.input_audio_transcription.delta",
+                         "item_id": item_id, "content_index": 0, "delta": text})
+
+    async def user_transcript_done(self, item_id: str) -> None:
+        """The transcriber is done with `item_id`: its transcript goes into the item."""
+        transcript = "".join(self._user_text.pop(item_id, []))
+        if item_id in self.items:
+            self.items.update(user_audio_item(item_id, transcript))
+        await self.emit({"type": "conversation.item.input_audio_transcription.completed",
+                         "item_id": item_id, "content_index": 0, "transcript": transcript})
 
     # -- the agent's speech ----------------------------------------------------------------------
     async def _pump_events(self) -> None:
@@ -334,9 +535,11 @@ class RealtimeSession:
                     self.endpoint.counters.ended_by_limits += 1
                 else:
                     self.endpoint.counters.engine_errors += 1
-                events = self._response_end("failed") if self.response else []
-                await self.emit(*events, error_event(reason or "server_error", event.message,
-                                                     kind="server_error"))
+                code = reason or "server_error"
+                events = self._response_end("failed", {"type": "failed", "error": {
+                    "type": "server_error", "code": code, "message": event.message}}) \
+                    if self.response is not None else []
+                await self.emit(*events, error_event(code, event.message, kind="server_error"))
                 await self.finish()
 
     async def _on_audio(self, event: AudioOut) -> None:
@@ -348,12 +551,17 @@ class RealtimeSession:
                            event.t_in)
         events = []
         if action == "start":
-            events += self._response_start()
+            if self.response is None:  # the agent speaks by itself
+                events += self._new_response(None).created_events()
+            events += self._start_item()
         elif action == "end":
             events += self._response_end("completed")
-        if action in ("start", "audio") and self.audio_out is None:
-            events += [self.response.part("response.output_audio.delta",
-                                          delta=self._encoder.encode(pcm)) for pcm in frames]
+        if action in ("start", "audio"):
+            for pcm in frames:
+                self.response.audio_ms += len(pcm) * 1000 / SAMPLE_RATE
+                if self.audio_out is None:
+                    events.append(self.response.part("response.output_audio.delta",
+                                                     delta=self._encoder.encode(pcm)))
         await self.emit(*events)
         if events and action in ("start", "audio") and self.audio_out is None:
             self.endpoint.latency_ms.append((time.monotonic() - event.t_in) * 1000)
@@ -361,25 +569,51 @@ class RealtimeSession:
     async def _on_text(self, text: str) -> None:
         if self._utterances.muted:
             return
-        if self.response is None:  # said before the audio: it opens the next response
+        if self.response is None or not self.response.started:
+            # Said before the utterance's audio: it opens the next item's transcript.
             self._pending_text = (self._pending_text + text)[-MAX_PENDING_TEXT:]
             return
         await self.emit(self.response.say(text))
 
-    def _response_start(self) -> list[dict]:
+    def _new_response(self, metadata: dict | None) -> Response:
         self.endpoint.counters.responses += 1
-        self.response = Response(self._conversation_id, self._last_item, self.config,
-                                 webrtc=self.audio_out is not None)
-        self._last_item = self.response.item_id
-        events = self.response.start_events()
+        self.response = Response(self._conversation_id, self.config,
+                                 webrtc=self.audio_out is not None, metadata=metadata)
+        return self.response
+
+    def _start_item(self) -> list[dict]:
+        """The open response's utterance begins: its item joins the conversation."""
+        response = self.response
+        self._cancel_expiry()
+        events = response.start_events(self.items.last_id)
+        self._insert(response.item(), speech=response)
         if self._pending_text:
-            events.append(self.response.say(self._pending_text))
+            events.append(response.say(self._pending_text))
             self._pending_text = ""
         return events
 
-    def _response_end(self, status: str, reason: str | None = None) -> list[dict]:
-        events, self.response = self.response.end_events(status, reason), None
+    def _cancel_response(self) -> list[dict]:
+        """End the open response as the client asked; the rest of its utterance is muted."""
+        if self.response.started:
+            self._utterances.cancel()
+        return self._response_end("cancelled", {"type": "cancelled",
+                                                "reason": "client_cancelled"})
+
+    def _response_end(self, status: str, details: dict | None = None) -> list[dict]:
+        response, self.response = self.response, None
+        self._cancel_expiry()
+        self._ended.append(response.id)
+        events = response.end_events(status, details)
+        if response.started:
+            self.items.update(response.item())
+        else:
+            self.endpoint.counters.empty_responses += 1
         return events
+
+    def _cancel_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
 
     # -- end -------------------------------------------------------------------------------------
     async def finish(self) -> None:
@@ -391,6 +625,9 @@ class RealtimeSession:
     async def close(self, reason: str | None = None) -> None:
         """Release everything; the transport has ended."""
         self.finished = True
+        self._cancel_expiry()
+        for task in list(self._expiring):
+            task.cancel()
         self._reservation.close()
         if self.conv is not None:
             self.conv.close()
@@ -401,12 +638,18 @@ class RealtimeSession:
 
 
 class RealtimeEndpoint:
-    """The Realtime routes of one server, with their counters and open sessions."""
+    """The Realtime routes of one server, with their counters and open sessions.
+
+    `transcriber`: None until a speech-to-text model serves user transcripts; with one, a session
+    that asks for `audio.input.transcription` has it in effect, and the transcriber reports what
+    it hears through the session's `user_transcript_delta`/`_done` (`user_item_at` tells which
+    user item a moment of input audio belongs to)."""
 
     def __init__(self, agent, policy, tracker, metrics, rule: UtteranceRule | None = None):
         self.agent, self.policy, self.tracker, self.metrics = agent, policy, tracker, metrics
         self.rule = rule or UtteranceRule()
         self.model = agent.engine.describe()["checkpoint"]
+        self.transcriber = None
         self.counters = RealtimeCounters()
         self.latency_ms: deque[float] = deque(maxlen=20_000)  # frame in -> its delta sent
         self._pending = 0  # sessions connected whose conversation is not open yet
@@ -419,62 +662,58 @@ class RealtimeEndpoint:
                 "delta_latency_ms": {"count": len(lat), "p50": percentile(lat, 0.5),
                                      "p90": percentile(lat, 0.9), "p99": percentile(lat, 0.99)}}
 
-    def admission_error(self, request: web.Request) -> tuple[str, str] | None:
-        """(code, message) if this client may not start a session now."""
-        model = request.query.get("model")
-        if model not in (None, "", self.model):
-            self.counters.bad_requests += 1
-            self.metrics.refused("bad_input")
-            return "model_not_found", f"this server serves the model {self.model!r}, not {model!r}"
+    def admission_refusal(self, request: web.Request) -> web.Response | None:
+        """The HTTP answer refusing this client a session now, before any upgrade (a client
+        whose socket opened and then closed would reconnect at once, in a loop); None if it may
+        start one."""
         if "realtime=v1" in request.headers.get("OpenAI-Beta", ""):
             self.counters.bad_requests += 1
             self.metrics.refused("bad_input")
-            return "unsupported", ("this server speaks the GA Realtime protocol, not the beta "
-                                   "(drop the 'OpenAI-Beta: realtime=v1' header)")
+            return _refused(400, "this server speaks the GA Realtime protocol, not the beta "
+                                 "(drop the 'OpenAI-Beta: realtime=v1' header)", "unsupported")
         limit = self.policy.max_per_client
         if limit and self.tracker.count(request.remote or "unknown") >= limit:
             self.counters.refused_per_client += 1
             self.metrics.refused("per_client")
-            return "rate_limit_exceeded", (f"too many conversations from {request.remote}: at "
-                                           f"most {limit} per client")
+            return _refused(429, f"too many conversations from {request.remote}: at most "
+                                 f"{limit} per client", "rate_limit_exceeded", limit=limit)
         if self.agent.active + self._pending >= self.agent.max_conversations:
             self.counters.refused_full += 1
             self.metrics.refused("full")
-            return "server_full", (f"server full: all {self.agent.max_conversations} "
-                                   "conversations are in use, try again later")
+            log.info("realtime session refused: server full")
+            return refuse_full(self.agent)
         return None
 
     # -- websocket -------------------------------------------------------------------------------
-    async def handle_ws(self, request: web.Request) -> web.WebSocketResponse:
-        limit = self.policy.max_message_bytes
-        ws = web.WebSocketResponse(max_msg_size=HARD_LIMIT_FACTOR * limit + 1, autoclose=False,
-                                   heartbeat=HEARTBEAT_S, protocols=("realtime",))
-        await ws.prepare(request)
+    async def handle_ws(self, request: web.Request) -> web.StreamResponse:
         self.counters.connections += 1
-        client = request.remote or "unknown"
         try:
             sampling = sampling_from_params(request.query, self.agent.sampling_defaults,
                                             strings=True)
         except ValueError as e:
             self.counters.bad_requests += 1
             self.metrics.refused("bad_input")
-            return await _refuse(ws, "invalid_value", str(e))
-        refused = self.admission_error(request)
-        if refused:
-            busy = refused[0] in ("server_full", "rate_limit_exceeded")
-            return await _refuse(ws, *refused, close_code=WSCloseCode.TRY_AGAIN_LATER if busy
-                                 else WSCloseCode.POLICY_VIOLATION)
+            return _refused(400, str(e), "invalid_value")
+        refused = self.admission_refusal(request)
+        if refused is not None:
+            return refused
+        limit = self.policy.max_message_bytes
+        ws = web.WebSocketResponse(max_msg_size=HARD_LIMIT_FACTOR * limit + 1, autoclose=False,
+                                   heartbeat=HEARTBEAT_S, protocols=("realtime",))
 
         async def close() -> None:
             await ws.close()
 
-        session = RealtimeSession(self, client, sampling, _ws_sender(ws), close)
-        session._reservation.enter_context(self.tracker.reserve(client))
+        # The slot is held from the admission on, with no await in between.
+        session = RealtimeSession(self, request.remote or "unknown", sampling, _ws_sender(ws),
+                                  close)
+        session._reservation.enter_context(self.tracker.reserve(session.client))
         session._reservation.callback(self._unpend)
         self._pending += 1
-        self._sockets.add(ws)
         reason = None
         try:
+            await ws.prepare(request)
+            self._sockets.add(ws)
             await session.start()
             reason = await self._receive(ws, session)
         except ConnectionError:
@@ -541,13 +780,9 @@ def _event_id_of(text: str) -> str | None:
     return match.group(1) if match else None
 
 
-async def _refuse(ws: web.WebSocketResponse, code: str, message: str,
-                  close_code: int = WSCloseCode.POLICY_VIOLATION) -> web.WebSocketResponse:
+def _refused(status: int, message: str, code: str, **extra) -> web.Response:
     log.info("realtime session refused: %s", message)
-    with suppress(ConnectionError):
-        await ws.send_str(json.dumps(error_event(code, message)))
-    await ws.close(code=close_code, message=code.encode())
-    return ws
+    return refusal(status, message, code=code, **extra)
 
 
 def setup_routes(app: web.Application, agent, policy, tracker, metrics,
