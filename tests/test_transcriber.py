@@ -379,3 +379,104 @@ def test_capacity_counts_the_transcriber():
     h100 = 80 << 30
     assert conversations_on_device(moshiko, torch.bfloat16, h100, transcriber=stt1b) < \
         conversations_on_device(moshiko, torch.bfloat16, h100)
+
+
+# -- Realtime, stats, metrics ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stt_agent():
+    from duplex_agent.agent.api import Agent
+    agent = Agent.load("tiny-random", device="cpu", max_conversations=2,
+                       transcriber="tiny-random-stt")
+    yield agent
+    agent.close()
+
+
+async def test_realtime_transcripts_equal_file_mode(stt_agent, tmp_path, session):
+    """The official SDK asks for input transcription and streams speech in real time: each user
+    item's completed transcript holds exactly the words file mode finds in that item's span, in
+    item order; /api/stats and /metrics count the words and time the transcriber."""
+    import asyncio
+    import base64
+    import time
+
+    openai = pytest.importorskip("openai")
+    from aiohttp import web
+
+    from duplex_agent.agent.offline import converse
+    from duplex_agent.streams.realtime.transcripts import GRACE_S
+    from duplex_agent.streams.server import create_app
+    from tests.helpers import espeak
+    pcm = espeak("Hello there. I would like to book a table for two.", "en-us",
+                 tmp_path / "s.wav", SAMPLE_RATE)
+    tail = np.zeros(int(2.6 * SAMPLE_RATE), np.float32)  # the last item's words settle
+    pcm = np.concatenate([np.zeros(SAMPLE_RATE // 4, np.float32), pcm, tail])
+    pcm16 = (np.clip(pcm, -1, 1) * 32767).astype(np.int16)
+    heard = pcm16.astype(np.float32) / 32768  # what the server decodes
+    file_engine = Engine(load_checkpoint("tiny-random", "cpu", transcriber="tiny-random-stt"), 1)
+    _, offline = converse(file_engine, heard)
+
+    runner = web.AppRunner(create_app(stt_agent, static_dir=tmp_path))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    events = []
+    try:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
+        async with client.realtime.connect(model="tiny-random") as conn:
+            await conn.session.update(session={"type": "realtime", "audio": {"input": {
+                "transcription": {"model": "gpt-4o-mini-transcribe"},
+                "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
+
+            async def receive():
+                async for event in conn:
+                    events.append(event)
+            reader = asyncio.create_task(receive())
+            n, t0 = SAMPLE_RATE // 50, time.monotonic()
+            for i, k in enumerate(range(0, len(pcm16), n)):  # 20 ms appends, in real time
+                await asyncio.sleep(max(0.0, t0 + i * 0.02 - time.monotonic()))
+                await conn.input_audio_buffer.append(
+                    audio=base64.b64encode(pcm16[k:k + n].astype("<i2").tobytes()).decode())
+            async with asyncio.timeout(15):
+                while sum(e.type.endswith("transcription.completed") for e in events) < sum(
+                        e.type == "input_audio_buffer.speech_stopped" for e in events):
+                    await asyncio.sleep(0.1)
+            async with session.get(f"{url}/api/stats") as r:
+                stats = await r.json()
+            async with session.get(f"{url}/metrics") as r:
+                metrics = await r.text()
+            reader.cancel()
+    finally:
+        await runner.cleanup()
+
+    assert not [e for e in events if e.type == "error"]
+    updated = next(e for e in events if e.type == "session.updated")
+    assert updated.session.audio.input.transcription.model == "gpt-4o-mini-transcribe"
+    starts = {e.item_id: e.audio_start_ms / 1000 for e in events
+              if e.type == "input_audio_buffer.speech_started"}
+    ends = {e.item_id: e.audio_end_ms / 1000 for e in events
+            if e.type == "input_audio_buffer.speech_stopped"}
+    completed = [e for e in events if e.type == "conversation.item.input_audio_transcription.completed"]
+    assert ends and [e.item_id for e in completed] == list(ends)
+    placed, total = set(), 0
+    for e in completed:
+        start, end = starts[e.item_id], ends[e.item_id]
+        expected = [w for i, w in enumerate(offline.user)
+                    if i not in placed and start <= w.start < end + GRACE_S]
+        placed |= {i for i, w in enumerate(offline.user) if start <= w.start < end + GRACE_S}
+        assert e.transcript == " ".join(w.text for w in expected)
+        deltas = "".join(d.delta for d in events if d.type.endswith("transcription.delta")
+                         and d.item_id == e.item_id)
+        assert deltas == e.transcript and e.usage.seconds == pytest.approx(end - start, abs=1e-3)
+        total += len(expected)
+    assert total >= 3, "the speech should hold words, or the comparison proves little"
+
+    assert stats["engine"]["transcriber"]["checkpoint"] == "tiny-random-stt"
+    assert stats["engine"]["user_words"] >= total
+    assert stats["engine"]["transcriber_step_ms_p50"] > 0
+    (conv,) = stats["conversations"]
+    assert conv["user_words"] >= total
+    words_metric = next(line for line in metrics.splitlines()
+                        if line.startswith("duplex_user_words_total "))
+    assert float(words_metric.split()[1]) >= total
+    assert 'duplex_tick_stage_seconds_count{stage="transcriber"}' in metrics

@@ -65,6 +65,7 @@ class SessionConfig:
     turn_detection: dict | None = field(default_factory=lambda: dict(DEFAULT_TURN_DETECTION))
     instructions: str | None = None
     voice: str | None = None
+    transcription: dict | None = None  # audio.input.transcription: the user's words (any model)
     passive: dict = field(default_factory=lambda: {
         "tracing": None, "truncation": "auto", "max_output_tokens": "inf", "tool_choice": "auto",
         "include": None})
@@ -74,7 +75,8 @@ class SessionConfig:
             "type": "realtime", "object": "realtime.session", "id": self.id, "model": self.model,
             "output_modalities": ["audio"], "instructions": self.instructions or "",
             "audio": {
-                "input": {"format": format_json(self.input_format), "transcription": None,
+                "input": {"format": format_json(self.input_format),
+                          "transcription": self.transcription,
                           "noise_reduction": None, "turn_detection": self.turn_detection},
                 "output": {"format": format_json(self.output_format), "voice": self.voice,
                            "speed": 1.0},
@@ -139,10 +141,15 @@ def _apply_audio(new: SessionConfig, audio) -> None:
             new.input_format = parse_format(value, param)
         elif key == "turn_detection":
             new.turn_detection = parse_turn_detection(value, param)
-        elif key in ("transcription", "noise_reduction"):
+        elif key == "transcription":
+            if value is not None and not isinstance(value, dict):
+                raise ProtocolError("invalid_type", "transcription must be an object or null",
+                                    param)
+            new.transcription = dict(value) if value is not None else None
+        elif key == "noise_reduction":
             if value is not None:
-                raise ProtocolError("unsupported", f"input {key} is not available: the model "
-                                    "hears the audio as it is", param)
+                raise ProtocolError("unsupported", "input noise_reduction is not available: the "
+                                    "model hears the audio as it is", param)
         else:
             raise ProtocolError("unknown_parameter", f"unknown field audio.input.{key}", param)
     for key, value in out.items():

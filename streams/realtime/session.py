@@ -11,7 +11,11 @@ the protocol's pieces (session config, codecs, utterance cutting) are in streams
   prompt) and `audio.output.voice` (voice prompt) as they are then; a later change of either is an
   error. A WebRTC call opens it at the POST, with the offer's `session`.
 - Input audio goes to the model as it arrives (there is no buffer to commit); webrtcvad on the same
-  audio gives `input_audio_buffer.speech_started`/`_stopped` and the user's items.
+  audio gives `input_audio_buffer.speech_started`/`_stopped` and the user's items. With a
+  transcriber that has pause heads, `semantic_vad` ends the user's speech where Kyutai's semantic
+  VAD says the turn ended (agent/turns.py), webrtcvad only after a long silence (by eagerness).
+- With a transcriber and `audio.input.transcription` set, each user item gets its words as
+  `conversation.item.input_audio_transcription.delta`/`.completed` (streams/realtime/transcripts.py).
 - The agent's stream becomes responses: one utterance (first voiced frame to a stretch of silence)
   is one response; between responses nothing is sent. `response.cancel` ends the response
   (`cancelled`) and mutes the rest of that utterance, transport-side, until the model falls silent.
@@ -36,13 +40,14 @@ import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from duplex_agent.agent.api import (AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut,
-                                    percentile)
-from duplex_agent.agent.config import sampling_from_params
-from duplex_agent.agent.turns import TurnTaking
+                                    UserWord, percentile)
+from duplex_agent.agent.config import FRAME_RATE, sampling_from_params
+from duplex_agent.agent.turns import PauseDetector, TurnTaking
 from duplex_agent.streams.realtime.events import (AudioEncoder, ProtocolError, Response,
                                                   SessionConfig, UtteranceRule, Utterances,
                                                   decode_audio, error_event, new_id,
                                                   user_item_events, vad_timing)
+from duplex_agent.streams.realtime.transcripts import InputTranscripts
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,9 @@ CALLS_PATH = "/v1/realtime/calls"
 HEARTBEAT_S = 20.0
 HARD_LIMIT_FACTOR = 4  # messages up to 4x --max-message-bytes get an error event; larger close
 MAX_PENDING_TEXT = 4096  # transcript held between responses (characters)
+# semantic_vad with pause heads: the silence after which webrtcvad still ends the user's speech
+# when the pause heads have not (OpenAI's eagerness: low waits up to 8 s, high 2 s).
+SEMANTIC_MAX_SILENCE_S = {"low": 8.0, "medium": 4.0, "auto": 4.0, "high": 2.0}
 # OpenAI's built-in voices: on a checkpoint without personas they are accepted and change nothing.
 BUILTIN_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer",
                             "verse", "marin", "cedar"})
@@ -70,6 +78,8 @@ class RealtimeCounters:
     cancelled_responses: int = 0
     muted_frames: int = 0  # agent frames withheld after response.cancel
     unheard_input_ms: int = 0  # audio appended while the conversation could not open
+    input_transcripts: int = 0  # user items whose transcription was completed
+    unplaced_words: int = 0  # the user's words that fell in no user item (not sent)
     ended_by_limits: int = 0
     engine_errors: int = 0
 
@@ -105,6 +115,9 @@ class RealtimeSession:
         self._speaking = False
         self._user_item: str | None = None
         self._uncommitted = 0.0  # seconds appended since the last commit
+        transcriber = self.agent.engine.transcriber
+        self._transcripts = InputTranscripts(transcriber.bundle.delay_s) if transcriber else None
+        self._pauses = PauseDetector() if transcriber and transcriber.bundle.pause_heads else None
         # agent side
         self._utterances = Utterances(endpoint.rule)
         self._encoder = AudioEncoder(self.config.output_format)
@@ -147,6 +160,10 @@ class RealtimeSession:
 
     async def _session_update(self, event: dict) -> None:
         new = self.config.updated(event.get("session"))
+        if new.transcription is not None and self._transcripts is None:
+            raise ProtocolError("unsupported", "input transcription needs a transcriber: this "
+                                "server was started without --transcriber",
+                                "session.audio.input.transcription")
         if (new.voice, new.instructions) != (self.config.voice, self.config.instructions):
             self._check_persona(new)
         if self.conv is not None and (new.voice, new.instructions) != (self.config.voice,
@@ -285,6 +302,8 @@ class RealtimeSession:
         if td is None:
             return
         silence_s, padding_s = vad_timing(td)
+        if self._semantic:
+            silence_s = SEMANTIC_MAX_SILENCE_S.get(td.get("eagerness"), 4.0)
         if self._vad is None or self._vad_rate != rate:
             await self._reset_vad()
             self._vad, self._vad_rate = TurnTaking(rate, merge_gap_s=silence_s), rate
@@ -295,9 +314,11 @@ class RealtimeSession:
             start, end = segments[self._seen]
             if not self._speaking:
                 self._speaking, self._user_item = True, new_id("item")
+                start_ms = int(max(0.0, start - padding_s) * 1000)
                 events.append({"type": "input_audio_buffer.speech_started",
-                               "audio_start_ms": int(max(0.0, start - padding_s) * 1000),
-                               "item_id": self._user_item})
+                               "audio_start_ms": start_ms, "item_id": self._user_item})
+                if self._transcripts is not None:
+                    self._transcripts.started(self._user_item, start_ms / 1000)
             if self._seen >= len(track.closed):
                 break
             events += self._speech_stopped(end)
@@ -306,8 +327,36 @@ class RealtimeSession:
     def _speech_stopped(self, end_s: float) -> list[dict]:
         self._seen += 1
         self._speaking, item, self._user_item = False, self._user_item, None
-        return [{"type": "input_audio_buffer.speech_stopped", "audio_end_ms": int(end_s * 1000),
-                 "item_id": item}, *self._commit_events(item)]
+        end_ms = int(end_s * 1000)
+        events = [{"type": "input_audio_buffer.speech_stopped", "audio_end_ms": end_ms,
+                   "item_id": item}, *self._commit_events(item)]
+        if self._transcripts is not None:
+            events += self._transcribed(self._transcripts.stopped(item, end_ms / 1000))
+        return events
+
+    @property
+    def _semantic(self) -> bool:
+        """semantic_vad served by the transcriber's pause heads."""
+        td = self.config.turn_detection
+        return self._pauses is not None and td is not None and td["type"] == "semantic_vad"
+
+    def _semantic_turn_end(self, event: AudioOut) -> list[dict]:
+        """The pause heads ended the user's turn: the speech in progress stops where webrtcvad
+        last heard it, and the next speech opens a new item."""
+        t = event.step / FRAME_RATE
+        if self._pauses is None or not (self._pauses.update(event.pause, t) and self._speaking
+                                        and self._semantic and self._vad is not None):
+            return []
+        segment = self._vad.user.cut()
+        return self._speech_stopped(segment[1] if segment else t)
+
+    def _transcribed(self, events: list[dict]) -> list[dict]:
+        """Input transcription events, if the session asked for them."""
+        if self.config.transcription is None:
+            return []
+        self.endpoint.counters.input_transcripts += sum(
+            e["type"].endswith(".completed") for e in events)
+        return events
 
     async def _reset_vad(self) -> None:
         """New VAD settings or input rate: an utterance in progress ends here."""
@@ -328,6 +377,10 @@ class RealtimeSession:
                 await self._on_audio(event)
             elif isinstance(event, TextOut):
                 await self._on_text(event.text)
+            elif isinstance(event, UserWord) and self._transcripts is not None:
+                unplaced = self._transcripts.unplaced_words
+                await self.emit(*self._transcribed(self._transcripts.word(event.text, event.start)))
+                self.endpoint.counters.unplaced_words += self._transcripts.unplaced_words - unplaced
             elif isinstance(event, ErrorOut):
                 reason = self.endpoint.tracker.ended_by_server(conv)
                 if reason:
@@ -340,6 +393,10 @@ class RealtimeSession:
                 await self.finish()
 
     async def _on_audio(self, event: AudioOut) -> None:
+        if self._transcripts is not None:
+            user = self._semantic_turn_end(event) if event.pause is not None else []
+            user += self._transcribed(self._transcripts.tick((event.step + 1) / FRAME_RATE))
+            await self.emit(*user)
         action, frames = self._utterances.feed(event.pcm)
         if action == "muted":
             self.endpoint.counters.muted_frames += 1
