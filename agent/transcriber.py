@@ -8,11 +8,12 @@ so its semantics are moshi's `LMGen`: step 0 sees the initial tokens, never fram
 
 Kyutai's reference (`scripts/stt_from_file_pytorch.py` in delayed-streams-modeling) runs
 `ceil(prefix_s x 12.5)` frames of silence through Mimi and the model before the audio, and
-`ceil(delay_s x 12.5)` after it. Here the prefix happens when the conversation's row is reset, in
-one pass: the Mimi rows encode the prefix's silence in one call, and the model's row gets the K/V
-the prefix leaves, computed once (greedy decoding of a fixed input is the same for every
-conversation) and copied in. The live stream is not delayed. `Engine.flush_words` runs the
-delay-worth of silence at the end of a file.
+`ceil(delay_s x 12.5)` after it. Here the prefix happens when the conversation's row is reset:
+the Mimi rows encode the prefix's silence, and the model's row gets the K/V the prefix leaves,
+computed once (greedy decoding of a fixed input is the same for every
+conversation) and copied in. The live stream is not delayed beyond those Mimi calls (one per
+prefix frame, batched over the starting rows, when the tick begins). `Engine.flush_words` runs
+the delay-worth of silence at the end of a file.
 
 Mimi: when the transcriber's Mimi has the dialogue Mimi's weights and no silence prefix, one
 32-codebook encode serves both (residual VQ is prefix-consistent: its first 8 codes are the
@@ -22,10 +23,11 @@ so their streaming states differ: it encodes on its own (with the same weight te
 Words follow the segmentation of Kyutai's script: an end-of-padding token (0) opens a segment at
 the next step; the text tokens of a segment (ids above the pad id 3) are decoded together and
 split on spaces, each word of a multi-word segment taking as many steps as it has tokens. A segment
-closes at the next end-of-padding token, or one second (12.5 steps) after it opened, as the script
-closes its last one: so the last word of a turn comes out without waiting for the next word.
-Text tokens after that second and before the next end-of-padding token open a segment of their
-own (the script would append them to the closed one; a trained model does not emit them). Times
+closes at the next end-of-padding token, or after 12 steps (about a second: the script's cut of its
+last segment), so the last word of a turn comes out without waiting for the next word. Text
+tokens after those 12 steps and before the next end-of-padding token are dropped, as the script
+drops them from its last segment (it keeps them in an earlier one; a trained model writes none:
+it opens each word with an end-of-padding token). Times
 are seconds of the conversation: step x 0.08 less the prefix and the delay, never below 0 (the
 script subtracts the prefix rounded down to whole seconds: 1 s for 13 frames, where we subtract
 1.04 s).
@@ -40,7 +42,7 @@ from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE, SamplingConfig
 from duplex_agent.agent.lm_gen import LMGen
 from duplex_agent.checkpoints.stt import PAUSE_HEAD, TranscriberBundle
 
-# The script's cap on its last segment: the tokens of int(12.5) steps, one second.
+# The script's cut of its last segment: the tokens of int(12.5) steps, about a second.
 SEGMENT_STEPS = int(FRAME_RATE)
 EOS_ID = 2
 
@@ -136,8 +138,7 @@ class Transcriber:
         self.prefix_frames = bundle.prefix_frames
         self._prefix: _Prefix | None = None
         self._greedy = SamplingConfig(greedy=True, seed=0)  # Kyutai decodes at temperature 0
-        self._silence = torch.zeros(batch, 1, FRAME_SIZE * max(1, self.prefix_frames),
-                                    device=self.device)
+        self._silence = torch.zeros(batch, 1, FRAME_SIZE, device=self.device)
 
     @property
     def codebooks(self) -> int:
@@ -158,8 +159,11 @@ class Transcriber:
         if self.mimi is not None:
             self.mimi.reset_streaming(mask)
             if self.prefix_frames:
+                # Every starting row's prefix at once, one frame per call: on CUDA moshi's Mimi
+                # replays a graph captured for one frame (and the reference encodes frame by frame).
                 self.mimi.set_exec_mask(mask)
-                codes = self.mimi.encode(self._silence)  # every row's prefix in one call
+                codes = torch.cat([self.mimi.encode(self._silence) for _ in
+                                   range(self.prefix_frames)], dim=-1)
         if not self.prefix_frames:
             return
         if self._prefix is None:

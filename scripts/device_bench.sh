@@ -23,12 +23,13 @@ cd "$(dirname "$0")/.."
 STEPS=(
     "setup 25 the carried wheels installed; GPU, driver and versions (env.json)"
     "tests 110 GPU correctness tests: bf16 kernels vs references, CUDA graph == eager, no host sync, engine isolation on CUDA"
-    "engine 170 moshiko bf16, full context: our tick vs moshi's LMGen at 1, 8, 32 and the most conversations that fit; floor ratios"
+    "engine 110 moshiko bf16, full context: our tick vs moshi's LMGen at 1, 8, 32 and the most conversations that fit; floor ratios"
     "attention 40 attention kernel bandwidth at B = 1, 16, 32 x context 3000, L2 flushed; sampling kernel"
     "fp8 70 float8 KV cache at the largest batches: engine at 32, 80 and the most that fit; attention at B = 32, 64"
     "ablations 55 our engine on the torch kernels, then without CUDA graphs, at 1 and 32 conversations"
     "int8 25 int8 GEMM (python -m duplex_agent.kernels.bench_int8_gemm), if the module exists"
     "persona 45 persona prefill, 3 repeats (python -m duplex_agent.agent.bench_persona), if the module exists"
+    "stt 60 the transcriber in the tick (stt-1b-en_fr-candle's shape, random bf16): ours vs ours+stt at 1, 16, 64, full context"
 )
 SKIPPED=99  # a step's exit code for "nothing to run here"
 
@@ -97,12 +98,14 @@ if [[ ${DEVICE_BENCH_DRY:-0} == 1 ]]; then
     export DRY=1 DEV=cpu KIND=cpu-tiny TINY=--tiny TRITON_INTERPRET=1 OMP_NUM_THREADS=1
     SCALE=${DEVICE_BENCH_BUDGET_SCALE:-3}
     export SESSIONS=1,max MAX_CAP=2 FP8_SESSIONS=max FP8_CAP=2 ABLATE=1 STEPS_PER_POINT=2 REPEATS=1
+    export STT=tiny-random-stt STT_SESSIONS=1,2
     export ATT_B=--batches=1,2 ATT_FP8_B=--batches=2 ATT_CTX= PYTEST_SELECT="-k cuda"
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 else
     SCALE=${DEVICE_BENCH_BUDGET_SCALE:-1}
     export DRY=0 DEV=cuda KIND=cuda TINY= SESSIONS=1,8,32,max MAX_CAP= FP8_SESSIONS=32,80,max FP8_CAP=
     export ABLATE=1,32 STEPS_PER_POINT=30 REPEATS=3 ATT_B=--batches=1,16,32 ATT_FP8_B=--batches=32,64
+    export STT=stt-1b-en_fr-candle STT_SESSIONS=1,16,64
     export ATT_CTX=--contexts=3000 PYTEST_SELECT=
     export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}  # the carried wheels go to /tmp/site
 fi
@@ -178,7 +181,10 @@ step_int8() {
     # shellcheck disable=SC2086
     "$PY" -m duplex_agent.kernels.bench_int8_gemm "$1/int8-gemm-$KIND-$STAMP.json" $TINY
 }
-export -f step_setup step_tests engine_bench step_engine step_attention step_fp8 step_ablations step_persona step_int8
+step_stt() {
+    engine_bench "$1" --no-reference --transcriber "$STT" --sessions "$STT_SESSIONS"
+}
+export -f step_setup step_tests engine_bench step_engine step_attention step_fp8 step_ablations step_persona step_int8 step_stt
 
 pack() {  # every finished step so far, replacing the last archive only once the new one is whole
     tar czf "$OUT/results.tgz.part" -C "$WORK" results && mv -f "$OUT/results.tgz.part" "$OUT/results.tgz"

@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "device_bench.sh"
 RESULTS = ROOT / "bench" / "results"
-STEPS = ["setup", "tests", "engine", "attention", "fp8", "ablations", "int8", "persona"]
+STEPS = ["setup", "tests", "engine", "attention", "fp8", "ablations", "int8", "persona", "stt"]
 OPTIONAL = {"persona": ROOT / "agent" / "bench_persona.py", "int8": ROOT / "kernels" / "bench_int8_gemm.py"}
 # What a device run brings back: at most 8 files, no more than 2 folders down, plain names.
 MAX_FILES, NAME = 8, re.compile(r"^[A-Za-z0-9._-]+$")
@@ -114,7 +114,8 @@ def test_dry_run_brings_back_every_step(dry_run):
         assert status["seconds"] <= status["budget_s"]
     for kind in ("engine/bench-cpu-tiny-", "fp8/bench-cpu-tiny-fp8-",
                  "ablations/bench-cpu-tiny-torch-kernels-",
-                 "ablations/bench-cpu-tiny-no-graphs-", "attention/attention-cpu-tiny-bf16-",
+                 "ablations/bench-cpu-tiny-no-graphs-", "stt/bench-cpu-tiny-stt-",
+                 "attention/attention-cpu-tiny-bf16-",
                  "attention/sampling-cpu-tiny-", "fp8/attention-cpu-tiny-fp8-", "tests/junit.xml",
                  "setup/env.json"):
         assert any(n.startswith(f"results/{kind}") for n in names), kind
