@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import random
 import subprocess
 import sys
 
@@ -480,3 +479,51 @@ async def test_realtime_transcripts_equal_file_mode(stt_agent, tmp_path, session
                         if line.startswith("duplex_user_words_total "))
     assert float(words_metric.split()[1]) >= total
     assert 'duplex_tick_stage_seconds_count{stage="transcriber"}' in metrics
+
+
+async def test_realtime_semantic_vad_ends_speech_where_the_pause_heads_say(stt_agent, tmp_path):
+    """semantic_vad with pause heads: a pause inside the user's utterance is no turn end; the
+    user's speech stops where the smoothed pause probability rises above 0.6, at the end of the
+    speech webrtcvad heard. Real espeak speech through the session's VAD; the pause
+    probabilities are the input here (the tiny transcriber's are random)."""
+    import json as json_module
+
+    from duplex_agent.agent.api import AudioOut
+    from duplex_agent.streams.metrics import Metrics
+    from duplex_agent.streams.realtime.session import RealtimeEndpoint, RealtimeSession
+    from duplex_agent.streams.security import ConversationTracker, Policy
+    from tests.helpers import espeak
+    first = espeak("Hello there.", "en-us", tmp_path / "a.wav", SAMPLE_RATE)
+    second = espeak("How are you today?", "en-us", tmp_path / "b.wav", SAMPLE_RATE)
+    gap, tail = np.zeros(int(0.8 * SAMPLE_RATE), np.float32), np.zeros(SAMPLE_RATE, np.float32)
+    pcm = np.concatenate([first, gap, second, tail])
+    pcm = np.pad(pcm, (0, -len(pcm) % FRAME_SIZE))
+    speech_end = (len(first) + len(gap) + len(second)) / SAMPLE_RATE  # espeak's own tail included
+    turn_end = int(speech_end * FRAME_RATE) + 2  # the heads call the turn's end after it
+
+    policy, metrics = Policy(), Metrics()
+    endpoint = RealtimeEndpoint(stt_agent, policy, ConversationTracker(stt_agent, policy, metrics),
+                                metrics)
+    sent = []
+
+    async def send(event):
+        sent.append(event)
+
+    async def close():
+        pass
+    session = RealtimeSession(endpoint, "test", stt_agent.sampling_defaults, send, close)
+    await session.handle(json_module.dumps({"type": "session.update", "session": {
+        "audio": {"input": {"turn_detection": {"type": "semantic_vad", "eagerness": "high"}}}}}))
+    for k in range(len(pcm) // FRAME_SIZE):
+        await session._detect_speech(pcm[k * FRAME_SIZE:(k + 1) * FRAME_SIZE], SAMPLE_RATE,
+                                     k / FRAME_RATE)
+        await session._on_audio(AudioOut(np.zeros(FRAME_SIZE, np.float32), k, 0.0,
+                                         pause=0.9 if k >= turn_end else 0.1))
+    started = [e for e in sent if e["type"] == "input_audio_buffer.speech_started"]
+    stopped = [e for e in sent if e["type"] == "input_audio_buffer.speech_stopped"]
+    # One turn, not two; stopped by the pause heads (the 1 s of silence after the speech is less
+    # than eagerness high's 2 s), at the end of the second sentence as webrtcvad heard it.
+    assert len(started) == len(stopped) == 1, [e["type"] for e in sent]
+    second_start = (len(first) + len(gap)) / SAMPLE_RATE
+    assert second_start < stopped[0]["audio_end_ms"] / 1000 <= speech_end
+    assert [e["type"] for e in sent if e["type"] == "error"] == []
