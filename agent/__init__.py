@@ -7,7 +7,7 @@ _EXPORTS = {
     "Agent": "duplex_agent.agent.api", "AgentFull": "duplex_agent.agent.api",
     "Conversation": "duplex_agent.agent.api", "ConversationClosed": "duplex_agent.agent.api",
     "AudioOut": "duplex_agent.agent.events", "ErrorOut": "duplex_agent.agent.events",
-    "TextOut": "duplex_agent.agent.events",
+    "TextOut": "duplex_agent.agent.events", "UserWord": "duplex_agent.agent.events",
     "LMConfig": "duplex_agent.agent.config", "SamplingConfig": "duplex_agent.agent.config",
     "PersonaError": "duplex_agent.checkpoints.personaplex",
     "VoicePrompt": "duplex_agent.checkpoints.personaplex",

@@ -1,10 +1,10 @@
 """Public API: load an agent once, hold many conversations with it.
 
-    agent = Agent.load("tiny-random", max_conversations=8)
+    agent = Agent.load("tiny-random", max_conversations=8)  # transcriber="tiny-random-stt"
     conv = agent.open()                       # raises AgentFull when every slot is taken
     conv.push(pcm, rate=48_000)               # any length, any rate: a live source
-    async for event in conv.events():         # AudioOut / TextOut as the agent speaks
-        ...
+    async for event in conv.events():         # AudioOut / TextOut as the agent speaks,
+        ...                                   # UserWord as the user's words are heard
     conv.close(); agent.close()
 
 All model work runs on the engine's own thread (see `agent/driver.py`); these methods only move
@@ -23,7 +23,7 @@ import numpy as np
 
 from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, SamplingConfig
 from duplex_agent.agent.engine import EngineFull
-from duplex_agent.agent.events import AudioOut, DtmfIn, ErrorOut, TextOut  # noqa: F401 (re-exported)
+from duplex_agent.agent.events import AudioOut, DtmfIn, ErrorOut, TextOut, UserWord  # noqa: F401 (re-exported)
 from duplex_agent.agent.turns import TurnTaking
 
 # Live input may run at most this far ahead of the engine before the oldest audio is dropped.
@@ -48,6 +48,7 @@ class ConversationStats:
     dropped_output_frames: int = 0  # consumer did not read its events in time
     text_pieces: int = 0
     dtmf_digits: int = 0  # phone keys pressed (press_key)
+    user_words: int = 0  # the transcriber's words for this conversation
     frame_latency_ms: deque = field(default_factory=lambda: deque(maxlen=500))  # input complete -> output ready
 
     def as_dict(self) -> dict:
@@ -55,7 +56,7 @@ class ConversationStats:
         return {"frames_in": self.frames_in, "frames_out": self.frames_out,
                 "dropped_input_frames": self.dropped_input_frames,
                 "dropped_output_frames": self.dropped_output_frames,
-                "text_pieces": self.text_pieces,
+                "text_pieces": self.text_pieces, "user_words": self.user_words,
                 "dtmf_digits": self.dtmf_digits,
                 "frame_latency_ms_p50": percentile(lat, 0.5),
                 "frame_latency_ms_p99": percentile(lat, 0.99)}
@@ -183,8 +184,8 @@ class Conversation:
 
     # -- output ----------------------------------------------------------------------------------
     async def events(self):
-        """Async iterator over AudioOut / TextOut, DtmfIn for keys pressed (`press_key`), and a
-        final ErrorOut if the engine failed."""
+        """Async iterator over AudioOut / TextOut / UserWord, DtmfIn for keys pressed
+        (`press_key`), and a final ErrorOut if the engine failed."""
         while True:
             event = await self.recv()
             if event is None:
@@ -204,6 +205,8 @@ class Conversation:
         t = audio.step / FRAME_RATE
         self.turns.add_user(user_pcm, t)
         self.turns.add_agent(audio.pcm, t)
+        if audio.pause is not None:
+            self.turns.add_pause(audio.pause, t)
         for event in events:
             self._deliver(event)
 
@@ -280,16 +283,19 @@ class Agent:
     def load(cls, checkpoint: str = "kyutai/moshiko-pytorch-bf16", device=None,
              max_conversations: int = 8, kv_cache: str = "auto", quantize: str | None = None,
              lora: str | None = None, voice_prompt_dir: str | None = None,
-             **kwargs) -> "Agent":
+             transcriber: str | None = None, **kwargs) -> "Agent":
         """`kv_cache`: "auto" (the weights' dtype) or "fp8" (half the memory per conversation).
         `quantize="int8"`: int8 linear weights; `lora`: a LoRA adapter file fused at load;
-        `voice_prompt_dir`: a folder of voices replacing a persona checkpoint's own."""
+        `voice_prompt_dir`: a folder of voices replacing a persona checkpoint's own;
+        `transcriber`: a Kyutai STT checkpoint (a name such as "stt-1b-en_fr-candle", a folder
+        or a repo id) whose UserWord events carry the user's words."""
         from duplex_agent.agent.engine import KV_CACHE_DTYPES, Engine
         from duplex_agent.checkpoints.loader import load_checkpoint
         if kv_cache not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache={kv_cache!r}: expected one of {', '.join(KV_CACHE_DTYPES)}")
         engine = Engine(load_checkpoint(checkpoint, device, quantize=quantize, lora=lora,
-                                        voice_prompt_dir=voice_prompt_dir),
+                                        voice_prompt_dir=voice_prompt_dir,
+                                        transcriber=transcriber),
                         max_conversations,
                         kv_dtype=KV_CACHE_DTYPES[kv_cache])
         return cls(engine, **kwargs)

@@ -2,7 +2,10 @@
 
 Each tick is split into Mimi encode / LM / Mimi decode, at empty context and at full context
 (every slot's ring KV cache holding `context` steps), for our engine and for the moshi library's
-`LMGen` + Mimi on identical random weights, in the same run. On CUDA the model is the real
+`LMGen` + Mimi on identical random weights, in the same run. With `--transcriber`, our engine is
+also timed with the transcriber in its tick (rows "ours+stt", its stage "transcriber"): a
+published model's name (stt-1b-en_fr, stt-1b-en_fr-candle, stt-2.6b-en) is built with random
+weights in its shape, as the dialogue model is; tiny-random-stt or a folder is loaded. On CUDA the model is the real
 moshiko shape (random init, bf16); on CPU the tiny config. Prints a table, writes JSON (rewritten
 after every point, so a run cut short keeps what it measured) and a PNG. `--sessions max` is the
 most conversations whose KV caches fit in free memory; a point that does not fit after all is
@@ -46,6 +49,10 @@ def register(sub) -> None:
                    help="our engine's KV cache dtype (the reference's is always the weights')")
     p.add_argument("--out", default="bench/results", help="folder for JSON and PNG")
     p.add_argument("--tag", default="", help="a label for the file name (e.g. torch-kernels)")
+    p.add_argument("--transcriber", metavar="NAME|PATH", default=None,
+                   help="also time the tick with this transcriber: a published model's name "
+                        "(random weights in its shape), tiny-random-stt or a local folder")
+    p.add_argument("--note", default=None, help="said in the JSON's meta (e.g. what else ran)")
     p.set_defaults(func=run_bench)
 
 
@@ -67,11 +74,14 @@ def run_bench(args) -> int:
     def save(partial: dict) -> None:  # after every point: a run cut short keeps what it measured
         nonlocal json_path
         m = partial["meta"]
-        json_path = json_path or out / f"bench-{m['device']}-{m['model'].split()[0]}{tag}-{stamp}.json"
+        stt = "-stt" if m.get("transcriber") else ""
+        json_path = json_path or out / (f"bench-{m['device']}-{m['model'].split()[0]}{stt}{tag}-"
+                                        f"{stamp}.json")
         json_path.write_text(json.dumps(partial, indent=1) + "\n")
 
     results = bench(device, sessions, steps, reference=not args.no_reference, kv_cache=args.kv_cache,
-                    contexts=contexts, max_cap=args.max_cap, on_point=save)
+                    contexts=contexts, max_cap=args.max_cap, on_point=save,
+                    transcriber=args.transcriber, note=args.note)
     save(results)
     print(format_table(results))
     png = plot(results, json_path.with_suffix(".png"))
@@ -81,11 +91,12 @@ def run_bench(args) -> int:
 
 def bench(device, sessions: list[int | str], steps: int, reference: bool = True,
           kv_cache: str = "auto", contexts=("empty", "full"), max_cap: int | None = None,
-          on_point=None) -> dict:
+          on_point=None, transcriber: str | None = None, note: str | None = None) -> dict:
     """Rows per (conversations, context, implementation). `sessions` may hold "max": the most
     conversations whose full KV caches fit in free memory (at most `max_cap`). A point that
     does not fit after all is listed in meta["skipped"] and the run goes on. `on_point` gets
-    the results so far after every point."""
+    the results so far after every point. With `transcriber`, our engine is timed again with
+    it ("ours+stt")."""
     import torch
 
     from duplex_agent.agent.engine import (KV_CACHE_DTYPES, CapacityError, Engine, conversations_that_fit,
@@ -97,12 +108,17 @@ def bench(device, sessions: list[int | str], steps: int, reference: bool = True,
     weights = probe.model.text_linear.weight
     probe_cfg = probe.config
     meta = _meta(device, cfg_name)
+    if note:
+        meta["note"] = note
+    if transcriber:
+        meta["transcriber"] = transcriber
     if cuda:
         # The floor of an LM step: weights read once, plus every executing conversation's KV
         # window (full context: all `context` steps), at the measured copy bandwidth.
         bandwidth = _copy_bandwidth(device)
         torch.cuda.empty_cache()  # the copy's buffers are not ours to keep
-        kv_dtypes = {"ours": kv_dtype or weights.dtype, "moshi": weights.dtype}
+        kv_dtypes = {"ours": kv_dtype or weights.dtype, "ours+stt": kv_dtype or weights.dtype,
+                     "moshi": weights.dtype}
         meta["copy_bandwidth_gbps"] = round(bandwidth / 1e9, 1)
         meta["bandwidth_floor_ms_b1"] = round(MOSHIKO_BYTES_PER_STEP / bandwidth * 1e3, 3)
     # Ours and the reference each hold a KV cache per conversation, one after the other; the
@@ -134,29 +150,35 @@ def bench(device, sessions: list[int | str], steps: int, reference: bool = True,
 
     for n in counts:
         for context in contexts:
-            bundle = bundle_factory()
-            try:
-                engine = Engine(bundle, n, kv_dtype=kv_dtype)
-                engine.warm_up()  # as Agent.load does: the kernel self-check, graph capture
-                described = engine.describe()
-                meta.update({k: described.get(k) for k in ("kv_cache", "cuda_graphs")})
-                meta["kernel_paths"] = described["kernels"]
-                meta.setdefault("selfcheck_s", described["selfcheck_s"])  # the first: compiles
-                if described.get("cuda_graphs_why"):
-                    meta["cuda_graphs_why"] = described["cuda_graphs_why"]
-                for _ in range(n):
-                    engine.open()
-                engine.profile = True
-                if context == "full":
-                    _fill_context(engine, bundle)
-                add(_time_ours(engine, n, steps, context))
-            except (CapacityError, torch.OutOfMemoryError) as e:
-                meta["skipped"].append({"impl": "ours", "sessions": n, "context": context,
-                                        "reason": str(e).splitlines()[0]})
-            engine = None
-            bundle.model.caches = bundle.model.dep_caches = None  # free our KV before moshi's
-            bundle = None  # and this Mimi's streaming state
-            release()
+            for impl in ("ours", "ours+stt") if transcriber else ("ours",):
+                bundle = bundle_factory()
+                try:
+                    if impl == "ours+stt":
+                        bundle.transcriber = bench_transcriber(transcriber, bundle, device)
+                        meta["transcriber_model"] = bundle.transcriber.name
+                    engine = Engine(bundle, n, kv_dtype=kv_dtype)
+                    engine.warm_up()  # as Agent.load does: the kernel self-check, graph capture
+                    described = engine.describe()
+                    meta.update({k: described.get(k) for k in ("kv_cache", "cuda_graphs")})
+                    meta["kernel_paths"] = described["kernels"]
+                    meta.setdefault("selfcheck_s", described["selfcheck_s"])  # the first: compiles
+                    if described.get("cuda_graphs_why"):
+                        meta["cuda_graphs_why"] = described["cuda_graphs_why"]
+                    for _ in range(n):
+                        engine.open()
+                    engine.profile = True
+                    if context == "full":
+                        _fill_context(engine, bundle)
+                    add(_time_ours(engine, n, steps, context, impl))
+                except (CapacityError, torch.OutOfMemoryError) as e:
+                    meta["skipped"].append({"impl": impl, "sessions": n, "context": context,
+                                            "reason": str(e).splitlines()[0]})
+                engine = None
+                bundle.model.caches = bundle.model.dep_caches = None  # free our KV before moshi's
+                if bundle.transcriber is not None:
+                    bundle.transcriber.model.caches = None
+                bundle = None  # and this Mimi's streaming state
+                release()
             if reference:
                 try:
                     add(_time_reference(bundle_factory(), n, steps, context))
@@ -199,6 +221,16 @@ def _model_factory(device):
     return real, "moshiko (random init, bf16)"
 
 
+def bench_transcriber(spec: str, bundle, device):
+    """The transcriber for a bench point, next to `bundle` (whose Mimi it shares)."""
+    from duplex_agent.checkpoints.loader import load_transcriber
+    from duplex_agent.checkpoints.stt import STT_SHAPES, random_stt
+    weights = bundle.model.out_norm.alpha
+    if spec in STT_SHAPES:
+        return random_stt(spec, device, weights.dtype, bundle.mimi)
+    return load_transcriber(spec, bundle.mimi, device, weights.dtype)
+
+
 def random_moshiko_lm(device):
     """moshiko's LM shape with random bf16 weights, made on the meta device and then allocated
     once on `device` (no 15 GB host copy)."""
@@ -221,22 +253,26 @@ def _fill_context(engine, bundle) -> None:
     frame = np.zeros(1920, dtype=np.float32)
     engine.tick({row: frame for row in engine.active})  # apply resets first
     engine.lm.offsets.fill_(bundle.config.context + 5)
+    if engine.transcriber is not None:
+        engine.transcriber.lm.offsets.fill_(engine.transcriber.cfg.context + 5)
 
 
-def _time_ours(engine, n: int, steps: int, context: str) -> dict:
+def _time_ours(engine, n: int, steps: int, context: str, impl: str = "ours") -> dict:
     import numpy as np
     rng = np.random.default_rng(0)
     frames = {row: (rng.standard_normal(1920) * 0.1).astype(np.float32) for row in engine.active}
     for _ in range(3):
         engine.tick(frames)
     stages = {"encode": [], "lm": [], "decode": [], "tick": []}
+    if engine.transcriber is not None:
+        stages["transcriber"] = []
     for _ in range(steps):
         t0 = time.perf_counter()
         engine.tick(frames)
         stages["tick"].append((time.perf_counter() - t0) * 1e3)
-        for k in ("encode", "lm", "decode"):
+        for k in stages.keys() - {"tick"}:
             stages[k].append(engine.last_timings[k])
-    return _row("ours", n, context, stages)
+    return _row(impl, n, context, stages)
 
 
 def _time_reference(bundle, n: int, steps: int, context: str) -> dict:
@@ -380,14 +416,16 @@ def format_table(results: dict) -> str:
     lines = [f"{m['model']} on {m['device_name']} (torch {m['torch']}, moshi {m['moshi']}, {m['date']}; "
              f"our KV cache {m.get('kv_cache', '?')}, kernels {m['kernels']}, "
              f"CUDA graphs {'on' if m.get('cuda_graphs') else 'off'})",
-             f"{'impl':6} {'sessions':>8} {'context':>7} {'tick p50':>9} {'tick p99':>9} "
-             f"{'encode':>8} {'lm':>8} {'decode':>8} {'lm floor':>9} {'x floor':>8}   (ms)"]
+             f"{'impl':8} {'sessions':>8} {'context':>7} {'tick p50':>9} {'tick p99':>9} "
+             f"{'encode':>8} {'lm':>8} {'stt':>8} {'decode':>8} {'lm floor':>9} {'x floor':>8}"
+             "   (ms)"]
     for r in results["rows"]:
         floor = (f"{r['lm_floor_ms']:>9.2f} {r['lm_over_floor']:>8.2f}" if "lm_floor_ms" in r
                  else f"{'-':>9} {'-':>8}")
-        lines.append(f"{r['impl']:6} {r['sessions']:>8} {r['context']:>7} {r['tick_p50_ms']:>9.2f} "
+        stt = f"{r['transcriber_p50_ms']:>8.2f}" if "transcriber_p50_ms" in r else f"{'-':>8}"
+        lines.append(f"{r['impl']:8} {r['sessions']:>8} {r['context']:>7} {r['tick_p50_ms']:>9.2f} "
                      f"{r['tick_p99_ms']:>9.2f} {r['encode_p50_ms']:>8.2f} {r['lm_p50_ms']:>8.2f} "
-                     f"{r['decode_p50_ms']:>8.2f} {floor}")
+                     f"{stt} {r['decode_p50_ms']:>8.2f} {floor}")
     if m.get("copy_bandwidth_gbps"):
         lines.append(f"lm floor: weights ({MOSHIKO_BYTES_PER_STEP / 1e9:.2f} GB) + each conversation's "
                      f"KV window, at the measured copy bandwidth {m['copy_bandwidth_gbps']:.0f} GB/s; "
@@ -404,7 +442,7 @@ def plot(results: dict, path: Path) -> Path | None:
         print("matplotlib is not installed: no plot")
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for impl, style in (("ours", "-"), ("moshi", "--")):
+    for impl, style in (("ours", "-"), ("ours+stt", ":"), ("moshi", "--")):
         for context, marker in (("empty", "o"), ("full", "s")):
             pts = [(r["sessions"], r["tick_p50_ms"]) for r in results["rows"]
                    if r["impl"] == impl and r["context"] == context]

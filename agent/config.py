@@ -37,6 +37,10 @@ class LMConfig:
     depformer_num_heads: int = 16
     depformer_num_layers: int = 6
     depformer_dim_feedforward: int = 4224
+    # extra heads on the temporal transformer's output (Kyutai STT's pause prediction): each a
+    # bias-free Linear(dim, extra_heads_dim), softmaxed
+    extra_heads_num_heads: int = 0
+    extra_heads_dim: int = 6
     # weights: int8 linears (moshi's q8 layout: row-wise int8 `weight` + float32 `weight_scb`)
     quantize: bool = False
 
@@ -105,7 +109,9 @@ class LMConfig:
             depformer_multi_linear=True, depformer_context=self.dep_q,
             depformer_max_period=self.max_period, depformer_gating="silu",
             depformer_pos_emb="none", depformer_weights_per_step=True, delays=list(self.delays),
-        ) | ({"quantize": True} if self.quantize else {})
+        ) | ({"quantize": True} if self.quantize else {}) | (
+            {"extra_heads_num_heads": self.extra_heads_num_heads,
+             "extra_heads_dim": self.extra_heads_dim} if self.extra_heads_num_heads else {})
 
     @classmethod
     def from_moshi_json(cls, raw: dict) -> "LMConfig":
@@ -137,6 +143,10 @@ class LMConfig:
                 kwargs["delays"] = tuple(value)
             elif key == "depformer_max_period" and value != raw.get("max_period", cls.max_period):
                 raise ValueError("config.json: depformer_max_period differs from max_period")
+            elif key == "depformer_dim_feedforward" and value is None:
+                # moshi's default: hidden_scale x depformer_dim
+                kwargs[key] = int(raw.get("hidden_scale", cls.hidden_scale)
+                                  * raw.get("depformer_dim", cls.depformer_dim))
             elif key in names:
                 kwargs[key] = value
         cfg = cls(**kwargs)

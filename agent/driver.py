@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 
-from duplex_agent.agent.events import AudioOut, TextOut
+from duplex_agent.agent.events import AudioOut, TextOut, UserWord
 from duplex_agent.agent.config import FRAME_RATE
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ class EngineDriver(threading.Thread):
         self._stopping = False
         self.ticks = 0
         self.failed_ticks = 0
+        self.user_words = 0  # words the transcriber delivered, all conversations
         self.tick_ms: deque[float] = deque(maxlen=2000)
         self.batch_sizes: deque[int] = deque(maxlen=2000)
         # Called on this thread after each tick (metrics):
@@ -99,11 +100,15 @@ class EngineDriver(threading.Thread):
             conv.stats.frames_out += 1
             latencies.append((done - t_in) * 1000)
             conv.stats.frame_latency_ms.append(latencies[-1])
-            events = [AudioOut(out.pcm, out.step, t_in)]
+            events = [AudioOut(out.pcm, out.step, t_in, out.pause)]
             if out.text is not None:
                 conv.stats.text_pieces += 1
                 events.append(TextOut(out.text, out.step, out.step / FRAME_RATE,
                                       (out.step + 1) / FRAME_RATE))
+            if out.words:
+                conv.stats.user_words += len(out.words)
+                self.user_words += len(out.words)
+                events += [UserWord(w.text, w.start, w.end, out.step) for w in out.words]
             self._deliver(conv, frames[row], events)
         for conv in conversations:  # a conversation the engine could not start (its persona)
             if conv._owner.error is not None:

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ from duplex_agent.agent.config import FRAME_SIZE, SamplingConfig
 from duplex_agent.agent.lm_gen import LMGen
 from duplex_agent.agent.text import PieceTable, TextDecoder
 from duplex_agent.agent.persona import DEFAULT_PROMPT_CACHE_BYTES, Prompt, PromptCache, prefill
+from duplex_agent.agent.transcriber import Transcriber, Word, WordTracker
 from duplex_agent.checkpoints.bundle import AgentBundle
 from duplex_agent.checkpoints.quantize import weight_bytes
 
@@ -56,17 +58,22 @@ def kv_bytes_per_step(cfg, kv_dtype: torch.dtype) -> int:
     return 2 * cfg.num_layers * cfg.dim * kv_dtype.itemsize
 
 
-def bytes_per_conversation(cfg, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> int:
+def bytes_per_conversation(cfg, dtype: torch.dtype, kv_dtype: torch.dtype | None = None,
+                           transcriber=None) -> int:
     """Memory one slot needs: the temporal ring KV cache (3000 steps x 32 layers for moshiko:
-    1.57 GB in bf16, 0.79 GB in float8), the depformer's, and a fixed overhead."""
+    1.57 GB in bf16, 0.79 GB in float8), the depformer's, and a fixed overhead; with a
+    `transcriber` (its LMConfig) also its KV cache, always in the weights' dtype (stt-1b-en_fr:
+    16 layers x 2 x 2048 x 750 steps, 98 MB in bf16)."""
     temporal = kv_bytes_per_step(cfg, kv_dtype or dtype) * cfg.context
     depth = 2 * cfg.depformer_num_layers * cfg.depformer_dim * cfg.dep_q * dtype.itemsize
-    return temporal + depth + PER_SLOT_OVERHEAD_BYTES
+    listener = 0 if transcriber is None else kv_bytes_per_step(transcriber, dtype) * transcriber.context
+    return temporal + depth + listener + PER_SLOT_OVERHEAD_BYTES
 
 
 def conversations_that_fit(cfg, dtype: torch.dtype, free_bytes: int,
-                           kv_dtype: torch.dtype | None = None) -> int:
-    return max(0, (free_bytes - RESERVED_BYTES) // bytes_per_conversation(cfg, dtype, kv_dtype))
+                           kv_dtype: torch.dtype | None = None, transcriber=None) -> int:
+    return max(0, (free_bytes - RESERVED_BYTES)
+               // bytes_per_conversation(cfg, dtype, kv_dtype, transcriber))
 
 
 @functools.lru_cache(maxsize=16)
@@ -89,11 +96,14 @@ def mimi_weight_bytes() -> int:
 
 
 def conversations_on_device(cfg, dtype: torch.dtype, device_bytes: int,
-                            kv_dtype: torch.dtype | None = None) -> int:
+                            kv_dtype: torch.dtype | None = None, transcriber=None) -> int:
     """How many conversations a device with `device_bytes` of memory holds next to the LM
-    weights (int8 linears when `cfg.quantize`) and Mimi: the capacity table of the README."""
+    weights (int8 linears when `cfg.quantize`) and Mimi, and a `transcriber`'s weights (its
+    LMConfig; its Mimi is the dialogue's): the capacity table of the README."""
     free = device_bytes - model_weight_bytes(cfg, dtype) - mimi_weight_bytes()
-    return conversations_that_fit(cfg, dtype, free, kv_dtype)
+    if transcriber is not None:
+        free -= model_weight_bytes(transcriber, dtype)
+    return conversations_that_fit(cfg, dtype, free, kv_dtype, transcriber)
 
 
 def free_device_memory(device: torch.device) -> int:
@@ -103,21 +113,23 @@ def free_device_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _capacity_message(cfg, dtype, free_bytes: int, asked: int, kv_dtype=None) -> str:
-    fit = conversations_that_fit(cfg, dtype, free_bytes, kv_dtype)
-    per = bytes_per_conversation(cfg, dtype, kv_dtype)
+def _capacity_message(cfg, dtype, free_bytes: int, asked: int, kv_dtype=None,
+                      transcriber=None) -> str:
+    fit = conversations_that_fit(cfg, dtype, free_bytes, kv_dtype, transcriber)
+    per = bytes_per_conversation(cfg, dtype, kv_dtype, transcriber)
     weights = model_weight_bytes(cfg, dtype)
+    listener = "" if transcriber is None else f" and the transcriber's of {transcriber.context}"
     msg = (f"{asked} conversations do not fit: {free_bytes / 2**30:.1f} GiB is free after the "
            f"weights ({'int8' if cfg.quantize else str(dtype).removeprefix('torch.')}, "
            f"{weights / 2**30:.1f} GiB) and each conversation needs {per / 2**30:.2f} GiB (its KV "
-           f"cache of {cfg.context} steps); at most {fit} fit here. Ask for --max-sessions {fit} "
-           "or fewer")
-    fit_fp8 = conversations_that_fit(cfg, dtype, free_bytes, KV_CACHE_DTYPES["fp8"])
+           f"cache of {cfg.context} steps{listener}); at most {fit} fit here. Ask for "
+           f"--max-sessions {fit} or fewer")
+    fit_fp8 = conversations_that_fit(cfg, dtype, free_bytes, KV_CACHE_DTYPES["fp8"], transcriber)
     if fit_fp8 > fit:
         msg += f", or use --kv-cache fp8 (float8 KV cache, slightly less exact): {fit_fp8} fit"
     if not cfg.quantize:  # int8 linears would free the difference
         saved = weights - model_weight_bytes(dataclasses.replace(cfg, quantize=True), dtype)
-        fit_int8 = conversations_that_fit(cfg, dtype, free_bytes + saved, kv_dtype)
+        fit_int8 = conversations_that_fit(cfg, dtype, free_bytes + saved, kv_dtype, transcriber)
         if fit_int8 > fit:
             msg += (f", or use --quantize int8 (int8 weights, {saved / 2**30:.1f} GiB less): "
                     f"{fit_int8} fit")
@@ -132,6 +144,8 @@ class FrameOut:
     text: str | None  # the text this id completes (whole characters); None for pad/end-of-pad,
     # not generated, or a byte piece of an unfinished character
     step: int  # index of this conversation's frame (0-based)
+    words: list[Word] = dataclasses.field(default_factory=list)  # the user's, completed this tick
+    pause: float | None = None  # the transcriber's P(no user voice in the next 2 s), with pause heads
 
 
 @dataclass
@@ -141,6 +155,7 @@ class Slot:
     steps: int = 0
     error: str | None = None  # why this conversation cannot go on (its prompt failed); not ticked
     text: TextDecoder | None = None  # this conversation's text ids -> whole UTF-8 characters
+    words: WordTracker | None = None  # the transcriber's text ids -> the user's words
 
     @property
     def offset(self) -> int:
@@ -151,9 +166,11 @@ class Slot:
 class Engine:
     def __init__(self, bundle: AgentBundle, max_sessions: int, free_bytes: int | None = None,
                  kv_dtype: torch.dtype | None = None,
-                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES):
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, encode_once: bool = True):
         """`kv_dtype`: the temporal KV caches' dtype (default the weights'; see KV_CACHE_DTYPES).
-        `free_bytes` overrides the measured free device memory (for tests)."""
+        `free_bytes` overrides the measured free device memory (for tests). With a transcriber
+        (`bundle.transcriber`), `encode_once=False` makes it encode with its own Mimi even where
+        one encode could serve both models (for tests)."""
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         self.bundle = bundle
@@ -162,15 +179,23 @@ class Engine:
         self.device = bundle.model.text_linear.weight.device
         dtype = bundle.model.out_norm.alpha.dtype  # the compute dtype, also with int8 weights
         free = free_device_memory(self.device) if free_bytes is None else free_bytes
-        if max_sessions > conversations_that_fit(self.cfg, dtype, free, kv_dtype):
-            raise CapacityError(_capacity_message(self.cfg, dtype, free, max_sessions, kv_dtype))
+        listener = bundle.transcriber.config if bundle.transcriber is not None else None
+        if max_sessions > conversations_that_fit(self.cfg, dtype, free, kv_dtype, listener):
+            raise CapacityError(_capacity_message(self.cfg, dtype, free, max_sessions, kv_dtype,
+                                                  listener))
         try:
             self.lm = LMGen(bundle.model, max_sessions, kv_dtype=kv_dtype)
+            self.transcriber = (Transcriber(bundle.transcriber, max_sessions, encode_once)
+                                if bundle.transcriber is not None else None)
         except torch.OutOfMemoryError:  # the estimate was optimistic (fragmentation, other users)
             raise CapacityError(_capacity_message(self.cfg, dtype, free_device_memory(self.device),
-                                                  max_sessions, kv_dtype)) from None
+                                                  max_sessions, kv_dtype, listener)) from None
 
         self.mimi = bundle.mimi
+        if self.transcriber is not None and self.transcriber.shared_encode:
+            # The transcriber's Mimi holds the dialogue Mimi's tensors and 32 codebooks: its
+            # encode gives both models their codes (the dialogue's are the first 8).
+            self.mimi = bundle.transcriber.mimi
         self.mimi.streaming_forever(max_sessions)
         self.slots: list[Slot | None] = [None] * max_sessions
         self._pending_reset: set[int] = set()
@@ -182,6 +207,7 @@ class Engine:
         self._ready_host, self._ready_dev = self._buffer_pair((max_sessions,), torch.bool)
         self._reset_host, self._reset_dev = self._buffer_pair((max_sessions,), torch.bool)
         self._persona_host, self._persona_dev = self._buffer_pair((max_sessions,), torch.bool)
+        self._listen_host, self._listen_dev = self._buffer_pair((max_sessions,), torch.bool)
         self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
         self._pieces = PieceTable(bundle.tokenizer, {self.cfg.text_pad_id, self.cfg.text_epad_id})
         self.weight_bytes = weight_bytes(bundle.model)  # as held: int8 linears count one byte
@@ -191,6 +217,8 @@ class Engine:
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.last_timings: dict[str, float] = {}
         self.selfcheck_seconds: float | None = None  # set by warm_up
+        # The transcriber's part of each profiled tick (its own encode, if any, and its step).
+        self.transcriber_ms: deque[float] = deque(maxlen=2000)
 
     def describe(self) -> dict:
         """What this engine runs on, for /api/stats and logs: `kernels` maps each kernel to the
@@ -202,24 +230,31 @@ class Engine:
                      "weights": "int8" if self.cfg.quantize else dtype,
                      "weight_bytes": self.weight_bytes,
                      "kv_cache": str(self.lm.model.caches[0].k.dtype).removeprefix("torch."),
-                     "kernels": kernel_paths(self.device, self.kernel_shapes().kernels()),
+                     "kernels": kernel_paths(self.device, self._kernels()),
                      "kernels_setting": kernel_backend(), "cuda_graphs": self.lm.cuda_graph,
-                     "selfcheck_s": self.selfcheck_seconds}
+                     "selfcheck_s": self.selfcheck_seconds,
+                     "transcriber": self._describe_transcriber()}
         if self.lm.graph_fallback:
             described["cuda_graphs_why"] = self.lm.graph_fallback
         return described
 
-    def kernel_shapes(self):
-        """The shapes and dtypes this engine's kernels run at (for the self-check)."""
-        from duplex_agent.kernels.selfcheck import KernelShapes
-        cfg, caches = self.cfg, self.lm.model.caches
-        return KernelShapes(
-            batch=self.max_sessions, dtype=self.lm.model.out_norm.alpha.dtype,
-            kv_dtype=caches[0].k.dtype, dim=cfg.dim, heads=cfg.num_heads, context=cfg.context,
-            max_period=cfg.max_period, ffn_hidden=cfg.ffn_hidden, dep_dim=cfg.depformer_dim,
-            dep_heads=cfg.depformer_num_heads, dep_context=cfg.dep_q,
-            dep_ffn_hidden=cfg.depformer_ffn_hidden, vocabularies=(cfg.text_card, cfg.card),
-            int8=cfg.quantize)
+    def kernel_shapes(self) -> list:
+        """The shapes and dtypes this engine's kernels run at (for the self-check): the dialogue
+        model's, and the transcriber's."""
+        return [_kernel_shapes(gen, self.max_sessions) for gen in
+                (self.lm, *((self.transcriber.lm,) if self.transcriber is not None else ()))]
+
+    def _kernels(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(k for shapes in self.kernel_shapes() for k in shapes.kernels()))
+
+    def _describe_transcriber(self) -> dict | None:
+        if self.transcriber is None:
+            return None
+        stt = self.transcriber.bundle
+        return {"checkpoint": stt.name, "prefix_s": stt.prefix_s, "delay_s": stt.delay_s,
+                "pause_heads": stt.pause_heads,
+                "encode": "shared" if self.transcriber.shared_encode else "own",
+                "weight_bytes": weight_bytes(stt.model)}
 
     # -- slot table ------------------------------------------------------------------------------
     @property
@@ -236,7 +271,9 @@ class Engine:
             if not free:
                 raise EngineFull(f"all {self.max_sessions} conversation slots are in use")
             row = free[0]
-            self.slots[row] = Slot(sampling, prompt, text=TextDecoder(self._pieces))
+            self.slots[row] = Slot(sampling, prompt, text=TextDecoder(self._pieces),
+                                   words=self.transcriber.new_tracker() if self.transcriber
+                                   else None)
             self._pending_reset.add(row)
         return row
 
@@ -258,8 +295,16 @@ class Engine:
                 except Exception as e:  # only this conversation ends (the driver ends it)
                     log.exception("persona prompt failed in slot %d", row)
                     slot.error = f"internal error while preparing the persona: {type(e).__name__}"
-        self.mimi.reset_streaming(self._row_mask([row for row, _ in rows], self._reset_host,
-                                                 self._reset_dev))
+        reset = self._row_mask([row for row, _ in rows], self._reset_host, self._reset_dev)
+        self.mimi.reset_streaming(reset)
+        if self.transcriber is not None:
+            try:
+                self.transcriber.reset([row for row, _ in rows], reset,
+                                       {row: slot.words for row, slot in rows})
+            except Exception as e:  # only these conversations end (the driver ends them)
+                log.exception("transcriber start failed in slots %s", [row for row, _ in rows])
+                for _, slot in rows:
+                    slot.error = f"internal error while starting the transcriber: {type(e).__name__}"
         persona_rows = [(row, slot.prompt) for row, slot in rows if slot.prompt is not None]
         if persona_rows:
             # The reference's decoder hears the last prompt frame before the conversation.
@@ -295,10 +340,14 @@ class Engine:
         eager steps (an error where AGENT_CUDA_GRAPHS=1 forces graphs)."""
         self.check_kernels()
         self.lm.prepare_graph()
+        if self.transcriber is not None:
+            self.transcriber.lm.prepare_graph()
         idle = self._row_mask([], self._exec_host, self._exec_dev)
         self.mimi.set_exec_mask(idle)
         codes = self.mimi.encode(self._pcm_in)[:, :, 0]
-        out = self.lm.step(codes, idle).tokens
+        out = self.lm.step(codes[:, :self.cfg.num_user_codebooks], idle).tokens
+        if self.transcriber is not None:
+            self.transcriber.step(self._transcriber_codes(codes, idle), idle)
         self.mimi.decode(out[:, 1:].clamp(min=0).unsqueeze(-1))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -309,11 +358,14 @@ class Engine:
         switched to its reference for this process, with one warning; forced Triton
         (AGENT_KERNELS=triton) makes a failure a KernelCheckError."""
         from duplex_agent.kernels import dispatch, selfcheck
-        shapes = self.kernel_shapes()
         probe = torch.empty(0, device=self.device)
-        wanted = tuple(k for k in shapes.kernels() if dispatch.use_triton(probe, k))
         t0 = time.perf_counter()
-        failed = [c for c in selfcheck.check_kernels(shapes, self.device, wanted) if not c.ok]
+        failed = {}
+        for shapes in self.kernel_shapes():
+            wanted = tuple(k for k in shapes.kernels() if dispatch.use_triton(probe, k) and k not in failed)
+            failed |= {c.kernel: c for c in selfcheck.check_kernels(shapes, self.device, wanted)
+                       if not c.ok}
+        failed = list(failed.values())
         self.selfcheck_seconds = round(time.perf_counter() - t0, 3)
         if failed and dispatch.kernel_backend() == "triton":
             raise KernelCheckError("AGENT_KERNELS=triton, but " + "; ".join(
@@ -350,10 +402,15 @@ class Engine:
 
         t0 = self._mark()
         self.mimi.set_exec_mask(exec_mask)
-        codes = self.mimi.encode(self._pcm_in)[:, :, 0]  # [B, 8]
+        codes = self.mimi.encode(self._pcm_in)[:, :, 0]  # [B, 8] ([B, 32] when shared)
         t1 = self._mark()
-        out = self.lm.step(codes, exec_mask).tokens  # [B, 9]
+        out = self.lm.step(codes[:, :self.cfg.num_user_codebooks], exec_mask).tokens  # [B, 9]
         t2 = self._mark()
+        heard = pause = None
+        if self.transcriber is not None:
+            heard, pause = self.transcriber.step(self._transcriber_codes(codes, exec_mask),
+                                                 exec_mask)
+        t3 = self._mark()
         pcm_out = None
         if ready_rows:
             ready = self._row_mask(ready_rows, self._ready_host, self._ready_dev)
@@ -361,10 +418,16 @@ class Engine:
             agent_codes = out[:, 1:].clamp(min=0)  # rows not ready hold -2: decode zeros there
             pcm_out = self.mimi.decode(agent_codes.unsqueeze(-1))[:, 0].float().cpu().numpy()
         out = out.cpu()
+        if heard is not None:
+            heard = heard.cpu()
+            pause = pause.float().cpu() if pause is not None else None
         if self.profile:
-            t3 = self._mark()
+            t4 = self._mark()
             self.last_timings = {"encode": (t1 - t0) * 1e3, "lm": (t2 - t1) * 1e3,
-                                 "decode": (t3 - t2) * 1e3}
+                                 "decode": (t4 - t3) * 1e3}
+            if self.transcriber is not None:
+                self.last_timings["transcriber"] = (t3 - t2) * 1e3
+                self.transcriber_ms.append(self.last_timings["transcriber"])
 
         results = {}
         for row, slot in slots.items():
@@ -372,8 +435,43 @@ class Engine:
             results[row] = FrameOut(
                 pcm=pcm_out[row].copy() if row in ready_rows else self._silence.copy(),
                 text_id=text_id, text=slot.text.feed(text_id), step=slot.steps)
+            if heard is not None:
+                results[row].words = slot.words.feed(self.transcriber.prefix_frames + slot.steps,
+                                                     int(heard[row]))
+                results[row].pause = float(pause[row]) if pause is not None else None
             slot.steps += 1
         return results
+
+    def _transcriber_codes(self, codes: torch.Tensor, exec_mask: torch.Tensor) -> torch.Tensor:
+        """The transcriber's 32 codes of this tick's frames: those of the shared encode, or its
+        own Mimi's."""
+        if self.transcriber.shared_encode:
+            return codes[:, :self.transcriber.codebooks]
+        return self.transcriber.encode(self._pcm_in, exec_mask)
+
+    @torch.no_grad()
+    def flush_words(self, row: int) -> list[Word]:
+        """End of the user's audio (a file's): the transcriber hears its delay's worth of silence,
+        as Kyutai's reference ends a file, and the open segment closes. Returns the words that
+        completed. Only the transcriber runs: the conversation's agent side is over, and the
+        conversation can only be closed afterwards."""
+        slot = self.slots[row]
+        if self.transcriber is None or slot is None or slot.words is None:
+            return []
+        self._apply_resets()
+        only = self._row_mask([row], self._listen_host, self._listen_dev)
+        self._pcm_host.zero_()
+        self._to_device(self._pcm_host, self._pcm_in)
+        words = []
+        step = self.transcriber.prefix_frames + slot.steps
+        for i in range(self.transcriber.bundle.delay_frames):
+            codes = None
+            if self.transcriber.shared_encode:
+                self.mimi.set_exec_mask(only)
+                codes = self.mimi.encode(self._pcm_in)[:, :, 0]
+            heard, _ = self.transcriber.step(self._transcriber_codes(codes, only), only)
+            words += slot.words.feed(step + i, int(heard[row]))
+        return words + slot.words.finish()
 
     def _buffer_pair(self, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cpu":
@@ -398,3 +496,16 @@ class Engine:
         if self.profile and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def _kernel_shapes(gen: LMGen, batch: int):
+    """The kernel shapes of one model stepped by `gen` (kernels/selfcheck.py)."""
+    from duplex_agent.kernels.selfcheck import KernelShapes
+    cfg, model = gen.cfg, gen.model
+    return KernelShapes(
+        batch=batch, dtype=model.out_norm.alpha.dtype, kv_dtype=model.caches[0].k.dtype,
+        dim=cfg.dim, heads=cfg.num_heads, context=cfg.context, max_period=cfg.max_period,
+        ffn_hidden=cfg.ffn_hidden, dep_dim=cfg.depformer_dim if cfg.dep_q else 0,
+        dep_heads=cfg.depformer_num_heads if cfg.dep_q else 0, dep_context=cfg.dep_q,
+        dep_ffn_hidden=cfg.depformer_ffn_hidden if cfg.dep_q else 0,
+        vocabularies=(cfg.text_card, cfg.card), int8=cfg.quantize)

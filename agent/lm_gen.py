@@ -31,6 +31,7 @@ class StepOutput:
     tokens: torch.Tensor  # [B, 1 + dep_q]: text, agent codes; -2 where not available
     text_logits: torch.Tensor | None = None  # [B, text_card], when asked for
     audio_logits: torch.Tensor | None = None  # [B, dep_q, card], when asked for
+    extra_heads: torch.Tensor | None = None  # [B, heads, extra_heads_dim] softmaxed, if the model has any
 
 
 class LMGen:
@@ -57,6 +58,9 @@ class LMGen:
         self._user_codes = torch.zeros(batch, cfg.num_user_codebooks, dtype=torch.long, device=device)
         self._exec_mask = torch.zeros(batch, dtype=torch.bool, device=device)
         self._out = torch.full((batch, 1 + cfg.dep_q), UNGENERATED, dtype=torch.long, device=device)
+        self._heads = (torch.zeros(batch, cfg.extra_heads_num_heads, cfg.extra_heads_dim,
+                                   dtype=torch.float32, device=device)
+                       if cfg.extra_heads_num_heads else None)
         setting = os.environ.get("AGENT_CUDA_GRAPHS", "auto").strip().lower()
         if cuda_graph is None:
             cuda_graph = setting != "0"
@@ -113,14 +117,17 @@ class LMGen:
         self._exec_mask.copy_(exec_mask)
         if return_logits:  # logits are for tests and tools: always eager
             text_logits, audio_logits = self._step(return_logits=True)
-            return StepOutput(self._out.clone(), text_logits, audio_logits)
+            return StepOutput(self._out.clone(), text_logits, audio_logits, self._heads_out())
         if self.cuda_graph:
             if self._graph is None:
                 self._capture()
             self._graph.replay()
         else:
             self._step()
-        return StepOutput(self._out.clone())
+        return StepOutput(self._out.clone(), extra_heads=self._heads_out())
+
+    def _heads_out(self) -> torch.Tensor | None:
+        return None if self._heads is None else self._heads.clone()
 
     def prepare_graph(self) -> None:
         """Capture the step graph now (the engine's warm-up). If capture fails on this device,
@@ -180,6 +187,9 @@ class LMGen:
         # sampling counter: a row's draws depend on its own progress only.
         h, text_logits = model.forward_temporal(tokens, offsets, exec_mask)
         text = self.text_sampler.sample(text_logits, offsets, stream=0)
+        if self._heads is not None:  # the reference's step_with_extra_heads
+            self._heads.copy_(torch.stack([torch.softmax(head(h).float(), dim=-1)
+                                           for head in model.extra_heads], dim=1))
         prev, audio, audio_logits = text, [], []
         for step in range(cfg.dep_q):
             logits = model.forward_depformer(step, h, prev, exec_mask)
@@ -202,5 +212,5 @@ class LMGen:
         not_ready = (offsets <= cfg.max_delay) | ~exec_mask
         self._out.copy_(torch.where(not_ready.view(-1, 1), UNGENERATED, out))
         if return_logits:
-            return text_logits.float(), torch.stack(audio_logits, dim=1)
+            return text_logits.float(), torch.stack(audio_logits, dim=1) if audio_logits else None
         return None

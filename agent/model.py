@@ -180,12 +180,19 @@ class MoshiLM(nn.Module):
         self.text_linear = linear(cfg.dim, cfg.text_card, cfg.quantize)
         self.depformer_in = nn.ModuleList(linear(cfg.dim, cfg.depformer_dim, cfg.quantize)
                                           for _ in range(cfg.dep_q))
-        self.depformer_text_emb = nn.Embedding(cfg.text_card + 1, cfg.depformer_dim)
-        self.depformer_emb = nn.ModuleList(nn.Embedding(cfg.card + 1, cfg.depformer_dim)
-                                           for _ in range(cfg.dep_q - 1))
-        self.depformer = Transformer([DepformerLayer(cfg) for _ in range(cfg.depformer_num_layers)])
+        if cfg.dep_q > 0:
+            self.depformer_text_emb = nn.Embedding(cfg.text_card + 1, cfg.depformer_dim)
+            self.depformer_emb = nn.ModuleList(nn.Embedding(cfg.card + 1, cfg.depformer_dim)
+                                               for _ in range(cfg.dep_q - 1))
+            self.depformer = Transformer([DepformerLayer(cfg)
+                                          for _ in range(cfg.depformer_num_layers)])
+        else:  # a listener (Kyutai's STT): text out only, no audio generated
+            self.depformer_text_emb = self.depformer_emb = self.depformer = None
         self.linears = nn.ModuleList(linear(cfg.depformer_dim, cfg.card, cfg.quantize)
                                      for _ in range(cfg.dep_q))
+        # Softmaxed by LMGen: Kyutai STT's pause prediction (see agent/transcriber.py).
+        self.extra_heads = nn.ModuleList(nn.Linear(cfg.dim, cfg.extra_heads_dim, bias=False)
+                                         for _ in range(cfg.extra_heads_num_heads))
         self.caches: nn.ModuleList | None = None
         self.dep_caches: nn.ModuleList | None = None
         self.dep_positions: torch.Tensor | None = None
@@ -202,7 +209,7 @@ class MoshiLM(nn.Module):
         self.dep_caches = nn.ModuleList(
             KVCache(batch, cfg.depformer_num_heads, cfg.dep_q,
                     cfg.depformer_dim // cfg.depformer_num_heads, p.dtype, p.device)
-            for _ in range(cfg.depformer_num_layers))
+            for _ in range(cfg.depformer_num_layers if cfg.dep_q else 0))
         # Depformer sub-step k sits at position k of its 8-slot cache, for every row.
         self.dep_positions = torch.arange(cfg.dep_q, device=p.device).view(-1, 1).repeat(1, batch)
 

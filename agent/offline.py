@@ -1,8 +1,10 @@
-"""Offline conversation: feed a recording frame by frame, as if live, and collect the agent's side.
+"""Offline conversation: feed a recording frame by frame, as if live, and collect the agent's side
+(and, with a transcriber, the user's words).
 
 Each 80 ms input frame is stepped once (the plain streaming loop; moshi's `run_inference.py`
 instead feeds the first frame twice and its server drops it). The agent's first output frame is
-silence, because the model lags its input by one step.
+silence, because the model lags its input by one step. After the last frame the transcriber hears
+its delay's worth of silence, as Kyutai's reference ends a file, so the last words come out.
 """
 from __future__ import annotations
 
@@ -15,12 +17,14 @@ import numpy as np
 from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, SamplingConfig
 from duplex_agent.agent.engine import Engine
 from duplex_agent.agent.persona import Prompt
+from duplex_agent.agent.transcriber import Word
 from duplex_agent.agent.audio_file import AudioInputError, read_mono, write_wav
 
 
 @dataclass
 class Transcript:
     pieces: list[dict] = field(default_factory=list)
+    user: list[Word] | None = None  # the user's words, with a transcriber
 
     def add(self, text: str, step: int) -> None:
         self.pieces.append({"text": text, "start": round(step / FRAME_RATE, 3),
@@ -31,21 +35,25 @@ class Transcript:
         return "".join(p["text"] for p in self.pieces).strip()
 
     def to_json(self) -> dict:
-        return {"text": self.text, "pieces": self.pieces}
+        out = {"text": self.text, "pieces": self.pieces}
+        if self.user is not None:
+            out["user"] = {"text": " ".join(w.text for w in self.user),
+                           "words": [w.to_json() for w in self.user]}
+        return out
 
 
 def converse(engine: Engine, pcm: np.ndarray, sampling: SamplingConfig | None = None,
              on_piece=None, prompt: Prompt | None = None) -> tuple[np.ndarray, Transcript]:
     """Run one conversation over `pcm` (mono float32, 24 kHz), starting from a persona's `prompt`
-    if given (agent/persona.py). Returns the agent's audio, the same length as the input, and its
-    transcript."""
+    if given (agent/persona.py). Returns the agent's audio, the same length as the input, and the
+    transcript (the user's words too when the engine has a transcriber)."""
     n = len(pcm)
     frames = -(-n // FRAME_SIZE)
     padded = np.zeros(frames * FRAME_SIZE, dtype=np.float32)
     padded[:n] = pcm
     row = engine.open(sampling, prompt)
     out = np.zeros_like(padded)
-    transcript = Transcript()
+    transcript = Transcript(user=[] if engine.transcriber is not None else None)
     try:
         for i in range(frames):
             res = engine.tick({row: padded[i * FRAME_SIZE:(i + 1) * FRAME_SIZE]})[row]
@@ -54,6 +62,10 @@ def converse(engine: Engine, pcm: np.ndarray, sampling: SamplingConfig | None = 
                 transcript.add(res.text, res.step)
                 if on_piece is not None:
                     on_piece(res.text)
+            if transcript.user is not None:
+                transcript.user += res.words
+        if transcript.user is not None:
+            transcript.user += engine.flush_words(row)
     finally:
         engine.close(row)
     return out[:n], transcript
@@ -78,7 +90,8 @@ def register(sub) -> None:
     f.set_defaults(func=run_file_command)
     f.add_argument("input", help="input audio (WAV or anything libsndfile reads; any rate/channels)")
     f.add_argument("output", help="output WAV: the agent's voice, 24 kHz mono")
-    f.add_argument("--transcript", help="write the agent's transcript as JSON here")
+    f.add_argument("--transcript", help="write the agent's transcript as JSON here (with "
+                   "--transcriber, the user's words too)")
     add_checkpoint_args(f)
     add_persona_args(f)
     add_sampling_args(f)
@@ -106,5 +119,7 @@ def run_file_command(args) -> int:
                           on_piece=lambda s: print(s, end="", flush=True), prompt=prompt)
     print()
     n = len(transcript.pieces)
-    print(f"wrote {args.output} ({time.perf_counter() - t0:.1f} s, {n} text pieces)", file=sys.stderr)
+    heard = f", {len(transcript.user)} user words" if transcript.user is not None else ""
+    print(f"wrote {args.output} ({time.perf_counter() - t0:.1f} s, {n} text pieces{heard})",
+          file=sys.stderr)
     return 0

@@ -8,7 +8,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from duplex_agent.checkpoints.registry import DEFAULT_CHECKPOINT, KNOWN
+from duplex_agent.checkpoints.registry import DEFAULT_CHECKPOINT, KNOWN, TRANSCRIBERS
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -27,11 +27,20 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                         "q8 checkpoint such as moshiko-q8 is int8 already)")
     p.add_argument("--lora", metavar="PATH", default=None,
                    help="LoRA adapter (moshi-finetune's lora.safetensors) fused into the weights")
+    add_transcriber_arg(p)
+
+
+def add_transcriber_arg(p: argparse.ArgumentParser) -> None:
+    names = ", ".join(TRANSCRIBERS)
+    p.add_argument("--transcriber", metavar="NAME|PATH", default=None,
+                   help="also transcribe the user with a Kyutai streaming STT model in the same "
+                        f"engine: a known name ({names}), an HF repo id or a local directory")
 
 
 def weight_options(args) -> dict:
-    """--quantize / --lora as keyword arguments of load_checkpoint and Agent.load."""
-    return {"quantize": args.quantize, "lora": args.lora}
+    """--quantize / --lora / --transcriber as keyword arguments of load_checkpoint and
+    Agent.load."""
+    return {"quantize": args.quantize, "lora": args.lora, "transcriber": args.transcriber}
 
 
 def add_persona_args(p: argparse.ArgumentParser, conversation: bool = True) -> None:

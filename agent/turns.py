@@ -21,6 +21,16 @@ From the segments:
   agent "yielded" if that is within `max_reaction_s`;
 * agent interruption: the agent starts while the user speaks;
 * overlap: total time both speak.
+
+Semantic turn ends: with a transcriber that has pause heads (`--transcriber stt-1b-en_fr-candle`),
+each frame also brings the probability that the user says nothing in the next 2 s (`add_pause`).
+`PauseDetector` applies Kyutai's rule as Unmute does: skip the first 12 steps, smooth with an
+exponential moving average (attack and release half-life 0.01 s, so at 80 ms steps it follows the
+model almost at once), and the user's turn has ended when the smoothed value rises above 0.6
+(`TURN_END_ABOVE`); below 0.4 (`BARGE_IN_BELOW`) the user is holding or taking the turn. The user's
+segments are then turns: consecutive webrtcvad segments are merged unless a turn end was detected
+between the start of one and the start of the next (a pause mid-sentence is no turn end), and
+response latencies are measured from the end of a turn.
 """
 from __future__ import annotations
 
@@ -115,10 +125,52 @@ class _Track:
             start = t
         return (round(start, 3), round(end, 3)) if end - start >= self.min_speech_s else None
 
+    def cut(self) -> tuple[float, float] | None:
+        """End the open segment now (the user's turn ended by other means than silence); the
+        next speech opens a new one. Returns the segment, None if it was too short to count."""
+        if not self._open:
+            return None
+        count = len(self.closed)
+        self._close()
+        return self.closed[-1] if len(self.closed) > count else None
+
     def segments(self) -> list[tuple[float, float]]:
         """Closed segments, plus the open one as if it ended now."""
         seg = self._finished() if self._open else None
         return self.closed + ([seg] if seg else [])
+
+
+# Kyutai's semantic VAD as Unmute applies it (unmute/stt/speech_to_text.py, unmute_handler.py).
+PAUSE_SKIP_STEPS = 12  # the first predictions are unreliable
+PAUSE_HALF_LIFE_S = 0.01  # EMA attack and release
+TURN_END_ABOVE = 0.6
+BARGE_IN_BELOW = 0.4
+
+
+class PauseDetector:
+    """The smoothed pause probability of one conversation, and where the user's turn ended."""
+
+    def __init__(self, step_s: float = 0.08):
+        self.alpha = 1.0 - 0.5 ** (step_s / PAUSE_HALF_LIFE_S)  # same for attack and release
+        self.value = 1.0  # Unmute starts it at 1: nobody has spoken yet
+        self.steps = 0
+        self.turn_ends: list[float] = []  # times the smoothed value rose above TURN_END_ABOVE
+
+    def update(self, prob: float, t: float) -> bool:
+        """The pause probability of the frame at `t`; True if the user's turn ended there."""
+        self.steps += 1
+        if self.steps <= PAUSE_SKIP_STEPS:
+            return False
+        was_above = self.value > TURN_END_ABOVE
+        self.value += self.alpha * (prob - self.value)
+        if self.value > TURN_END_ABOVE and not was_above:
+            self.turn_ends.append(round(t, 3))
+            return True
+        return False
+
+    @property
+    def user_holds_turn(self) -> bool:
+        return self.value < BARGE_IN_BELOW
 
 
 class TurnTaking:
@@ -131,6 +183,7 @@ class TurnTaking:
         self._track_args = (merge_gap_s, min_speech_s, edge_db)
         self.user: _Track | None = None
         self.agent: _Track | None = None
+        self.pauses: PauseDetector | None = None  # with a transcriber's pause heads
 
     def add_user(self, pcm: np.ndarray, t: float, rate: int | None = None) -> None:
         """The user's audio as heard (mic, after echo cancellation); `t` = time of pcm[0] in s."""
@@ -144,9 +197,17 @@ class TurnTaking:
             self.agent = _Track(rate or self.rate, *self._track_args)
         self.agent.add(pcm, t)
 
+    def add_pause(self, prob: float, t: float) -> None:
+        """The transcriber's P(no user voice in the next 2 s) for the frame at `t`."""
+        if self.pauses is None:
+            self.pauses = PauseDetector()
+        self.pauses.update(prob, t)
+
     def segments(self) -> dict[str, list[tuple[float, float]]]:
-        return {"user": self.user.segments() if self.user else [],
-                "agent": self.agent.segments() if self.agent else []}
+        user = self.user.segments() if self.user else []
+        if self.pauses is not None:
+            user = _turns(user, self.pauses.turn_ends)
+        return {"user": user, "agent": self.agent.segments() if self.agent else []}
 
     # Each side's segments are in time order and do not overlap (a segment closes before the
     # next one starts), so every lookup below is a binary search, not a scan: summary() runs
@@ -218,7 +279,26 @@ class TurnTaking:
             "barge_in_reaction_mean_s": _mean(reactions),
             "agent_interruptions": self.agent_interruptions(segs),
             "overlap_s": round(self.overlap_s(segs), 3),
+            "turn_ends": "semantic" if self.pauses is not None else "webrtcvad",
+            "semantic_turn_ends": len(self.pauses.turn_ends) if self.pauses is not None else None,
         }
+
+
+def _turns(segments: list[tuple[float, float]], ends: list[float]) -> list[tuple[float, float]]:
+    """Speech segments merged into turns: a segment joins the previous one unless a turn end
+    (sorted times) fell between the previous one's start and its own."""
+    out: list[tuple[float, float]] = []
+    for start, end in segments:
+        if out and not _any_between(ends, out[-1][0], start):
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
+
+
+def _any_between(sorted_times: list[float], lo: float, hi: float) -> bool:
+    i = bisect_left(sorted_times, lo)
+    return i < len(sorted_times) and sorted_times[i] < hi
 
 
 def _speaking(segs: list[tuple[float, float]], starts: list[float], t: float,

@@ -10,6 +10,7 @@ import torch
 from duplex_agent.agent.config import LMConfig, SamplingConfig
 from duplex_agent.agent.model import MoshiLM
 from duplex_agent.checkpoints.personaplex import Personas, VoiceEncoder, VoicePrompt, load_voice
+from duplex_agent.checkpoints.stt import TranscriberBundle
 
 
 @dataclass
@@ -23,6 +24,7 @@ class AgentBundle:
     sampling: SamplingConfig  # the checkpoint's default sampling (lm_gen_config)
     builtin: bool = False  # True for tiny-random: random weights, speaks noise
     personas: Personas | None = None  # voices of a persona-trained checkpoint (PersonaPlex)
+    transcriber: TranscriberBundle | None = None  # the user's words (--transcriber)
 
 
 def load_voice_prompt(path: str | Path, bundle: AgentBundle) -> VoicePrompt:

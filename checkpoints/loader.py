@@ -21,7 +21,9 @@ from duplex_agent.agent.model import MoshiLM
 from duplex_agent.checkpoints import personaplex
 from duplex_agent.checkpoints.bundle import AgentBundle
 from duplex_agent.checkpoints.personaplex import Personas
-from duplex_agent.checkpoints.registry import DEFAULT_CHECKPOINT, KNOWN, lookup
+from duplex_agent.checkpoints.registry import (DEFAULT_CHECKPOINT, KNOWN, TRANSCRIBERS, lookup,
+                                               lookup_transcriber)
+from duplex_agent.checkpoints.stt import TranscriberBundle
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +58,19 @@ def default_device() -> torch.device:
 def load_checkpoint(spec: str = DEFAULT_CHECKPOINT, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None, *,
                     voice_prompt_dir: str | Path | None = None, quantize: str | None = None,
-                    lora: str | Path | None = None) -> AgentBundle:
+                    lora: str | Path | None = None, transcriber: str | None = None) -> AgentBundle:
     """`voice_prompt_dir`: a folder of voices (`.pt` presets, recordings) that replaces a
     persona checkpoint's own (`voices/` or `voices.tgz`). `quantize="int8"`: int8 linear weights
     made at load (a q8 checkpoint is int8 already). `lora`: a LoRA adapter (moshi-finetune's
-    `lora.safetensors`) fused into the weights."""
+    `lora.safetensors`) fused into the weights. `transcriber`: a Kyutai STT checkpoint for the
+    user's words (`load_transcriber`)."""
     bundle = _load_checkpoint(spec, device, dtype, voice_prompt_dir, WeightOptions(quantize, lora))
     bundle.config = bundle.model.cfg  # quantised at load: the model's config says so
     if voice_prompt_dir is not None and bundle.personas is None:
         raise CheckpointError(f"--voice-prompt-dir: {bundle.name} has no persona training "
                               "(voice prompts need a PersonaPlex checkpoint).")
+    if transcriber:
+        bundle.transcriber = load_transcriber(transcriber, bundle.mimi)
     return bundle
 
 
@@ -151,6 +156,14 @@ def _load_from_hub(repo: str, device, dtype, voice_prompt_dir=None,
             local_files_only=cache_only))
         return _load_directory(repo, Path(root), device, dtype, voice_prompt_dir, weights)
 
+    return _load_layout(repo, _hub_getter(repo, cache_only), None, device, dtype,
+                        voice_prompt_dir, weights)
+
+
+def _hub_getter(repo: str, cache_only: bool, flag: str = "--checkpoint",
+                offline: Callable[[str, str], str] | None = None) -> Callable[..., Path | None]:
+    """`get(filename, required=True)` for the files of a Hub repo (or `hf://` / `file://`
+    names): downloaded with progress bars into the Hugging Face cache, or found there offline."""
     def fetch(filename: str, required: bool = True) -> Path | None:
         if filename.startswith("hf://"):
             return _hub_file_spec(filename, cache_only)
@@ -165,11 +178,11 @@ def _load_from_hub(repo: str, device, dtype, voice_prompt_dir=None,
                 raise
             except EntryNotFoundError:
                 if required:
-                    raise CheckpointError(f"--checkpoint {repo}: the repo has no file {filename}.")
+                    raise CheckpointError(f"{flag} {repo}: the repo has no file {filename}.")
                 return None
-        got = _hub_call(repo, download)
+        got = _hub_call(repo, download, offline)
         return Path(got) if got else None
-    return _load_layout(repo, fetch, None, device, dtype, voice_prompt_dir, weights)
+    return fetch
 
 
 def _hub_file_spec(spec: str, cache_only: bool | None = None) -> Path:
@@ -181,23 +194,24 @@ def _hub_file_spec(spec: str, cache_only: bool | None = None) -> Path:
                                                                 local_files_only=cache_only)))
 
 
-def _hub_call(repo: str, fn: Callable):
+def _hub_call(repo: str, fn: Callable, offline: Callable[[str, str], str] | None = None):
     import huggingface_hub as hub
     from huggingface_hub.utils import (GatedRepoError, LocalEntryNotFoundError,
                                        RepositoryNotFoundError)
+    offline = offline or offline_message
     try:
         return fn(hub)
     except CheckpointError:
         raise
     except LocalEntryNotFoundError as e:
-        raise CheckpointError(offline_message(repo, "no network connection to the Hub, and the "
-                                              "files are not in the local Hugging Face cache")) from e
+        raise CheckpointError(offline(repo, "no network connection to the Hub, and the files "
+                                      "are not in the local Hugging Face cache")) from e
     except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise CheckpointError(f"--checkpoint {repo}: the Hugging Face Hub has no such repository "
-                              "(or it needs a login). Check the repo id, or give a local "
-                              "directory or tiny-random.") from e
+        raise CheckpointError(f"{repo}: the Hugging Face Hub has no such repository (or it needs "
+                              "a login). Check the repo id, or give a local directory or a "
+                              "built-in name.") from e
     except OSError as e:  # connection errors, timeouts, disk
-        raise CheckpointError(offline_message(repo, str(e).splitlines()[0][:200])) from e
+        raise CheckpointError(offline(repo, str(e).splitlines()[0][:200])) from e
 
 
 def offline_message(repo: str, reason: str) -> str:
@@ -412,3 +426,86 @@ def _sampling_from_lm_gen_config(gen: dict) -> SamplingConfig:
         top_k_audio=int(gen.get("top_k", base.top_k_audio)),
         greedy=not gen.get("use_sampling", True),
     ).validated()
+
+
+# -- the transcriber (--transcriber) ---------------------------------------------------------------
+
+def load_transcriber(spec: str, dialogue_mimi=None, device: str | torch.device | None = None,
+                     dtype: torch.dtype | None = None) -> TranscriberBundle:
+    """A Kyutai STT checkpoint for the user's words: a registry name (TRANSCRIBERS), a local
+    directory in Kyutai's layout, a Hub repo id, or `tiny-random-stt`. It goes on the dialogue
+    Mimi's device and dtype; when its Mimi has the same weights, it uses the dialogue Mimi's
+    tensors. Raises CheckpointError, before anything is served, for anything it cannot use."""
+    from duplex_agent.checkpoints import stt
+    if dialogue_mimi is not None:
+        device = device or next(dialogue_mimi.parameters()).device
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    known = lookup_transcriber(spec)
+    if known is not None and known.layout == "builtin":
+        model = _build_lm(stt.tiny_stt_config(), stt.build_tiny_stt_lm_state(), device,
+                          torch.float32, known.name)
+        mimi = stt.build_tiny_stt_mimi().to(device)
+        from duplex_agent.checkpoints.tiny_random import build_tiny_tokenizer
+        return TranscriberBundle(known.name, model.cfg, model, mimi, build_tiny_tokenizer(),
+                                 stt.TINY_STT_PREFIX_S, stt.TINY_STT_DELAY_S, builtin=True,
+                                 same_mimi=stt.share_mimi_weights(mimi, dialogue_mimi))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        def get(filename: str, required: bool = True) -> Path | None:
+            p = Path(filename) if Path(filename).is_absolute() else path / filename
+            if p.is_file():
+                return p
+            if required:
+                raise CheckpointError(f"--transcriber {spec}: {p} is missing.")
+            return None
+    elif known is not None or (not spec.startswith((".", "/", "~")) and spec.count("/") == 1):
+        repo = known.repo if known is not None else spec
+        get = _hub_getter(repo, not _hub_reachable(), "--transcriber", transcriber_offline_message)
+    else:
+        raise CheckpointError(f"--transcriber {spec}: no such directory, and not a Hugging Face "
+                              f"repo id (owner/name) or a known name ({', '.join(TRANSCRIBERS)}).")
+    return _load_transcriber_layout(spec, get, device, dtype, dialogue_mimi)
+
+
+def _load_transcriber_layout(name: str, get: Callable[..., Path | None], device, dtype,
+                             dialogue_mimi) -> TranscriberBundle:
+    from moshi.models import loaders
+    from safetensors.torch import load_file
+
+    from duplex_agent.checkpoints import stt
+    from duplex_agent.checkpoints.kyutai_format import moshi_to_disk
+    config_path = get("config.json", required=False)
+    if config_path is None:
+        raise CheckpointError(f"--transcriber {name}: no config.json; a Kyutai STT checkpoint has "
+                              "one in the moshi library's format (model_type 'stt').")
+    try:
+        cfg, prefix_s, delay_s, files = stt.stt_config_from_json(json.loads(config_path.read_text()))
+    except ValueError as e:  # includes a config.json that is not JSON
+        raise CheckpointError(f"--transcriber {name}: {e}.") from e
+    lm_file, mimi_file = get(files["model"]), get(files["mimi"])
+    tokenizer_file = get(files["tokenizer"])
+    mimi_config = json.loads(get(files["mimi_config"]).read_text()) if files["mimi_config"] else None
+    try:
+        mimi = loaders.get_mimi(str(mimi_file), mimi_config, device=device, num_codebooks=1)
+        stt.check_mimi(cfg, mimi)
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"--transcriber {name}: its Mimi ({Path(str(mimi_file)).name}) "
+                              f"cannot serve it: {str(e).splitlines()[0][:300]}") from e
+    mimi.set_num_codebooks(cfg.n_q)
+    try:
+        state = moshi_to_disk(load_file(str(lm_file), device=str(device)))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"--transcriber {name}: {lm_file} is not a safetensors file "
+                              f"({e}).") from e
+    model = _build_lm(cfg, state, device, dtype, f"--transcriber {name}")
+    return TranscriberBundle(name, cfg, model, mimi.eval(), _load_tokenizer(tokenizer_file, cfg, name),
+                             prefix_s, delay_s, same_mimi=stt.share_mimi_weights(mimi, dialogue_mimi))
+
+
+def transcriber_offline_message(repo: str, reason: str) -> str:
+    return (f"Could not download the transcriber '{repo}' from the Hugging Face Hub ({reason}). "
+            "If you have its files, point --transcriber at the local directory that holds them "
+            "(config.json, model.safetensors, its Mimi and text tokenizer, as in the Hugging Face "
+            "repo). To try everything offline, use --transcriber tiny-random-stt (random "
+            "weights: it writes random words).")

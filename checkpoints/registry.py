@@ -46,6 +46,26 @@ KNOWN = {
 # Repo ids resolve to their registry entry too, so the layout is known before any download.
 BY_REPO = {c.repo: c for c in KNOWN.values() if c.repo}
 
+# `--transcriber` names: Kyutai's streaming speech-to-text models (checkpoints/stt.py).
+TRANSCRIBERS = {
+    c.name: c for c in [
+        KnownCheckpoint("stt-1b-en_fr", "kyutai/stt-1b-en_fr", "kyutai",
+                        "Kyutai STT 1B, English and French, 0.5 s delay"),
+        KnownCheckpoint("stt-1b-en_fr-candle", "kyutai/stt-1b-en_fr-candle", "kyutai",
+                        "stt-1b-en_fr with its 4 pause-prediction heads (semantic turn ends)"),
+        KnownCheckpoint("stt-2.6b-en", "kyutai/stt-2.6b-en", "kyutai",
+                        "Kyutai STT 2.6B, English, 2.5 s delay, 1 s silence prefix"),
+        KnownCheckpoint("tiny-random-stt", None, "builtin",
+                        "seeded random tiny transcriber with pause heads, for smoke runs and "
+                        "tests: it writes random words"),
+    ]
+}
+TRANSCRIBERS_BY_REPO = {c.repo: c for c in TRANSCRIBERS.values() if c.repo}
+
 
 def lookup(spec: str) -> KnownCheckpoint | None:
     return KNOWN.get(spec) or BY_REPO.get(spec)
+
+
+def lookup_transcriber(spec: str) -> KnownCheckpoint | None:
+    return TRANSCRIBERS.get(spec) or TRANSCRIBERS_BY_REPO.get(spec)

@@ -46,7 +46,7 @@ class KernelShapes:
     context: int
     max_period: float
     ffn_hidden: int
-    dep_dim: int
+    dep_dim: int  # the depformer's (all 0 for a model without one: a transcriber)
     dep_heads: int
     dep_context: int
     dep_ffn_hidden: int
@@ -130,8 +130,8 @@ def _randn(gen: torch.Generator, *shape, device, dtype, scale: float = 1.0) -> t
 
 def _attention_cases(s: KernelShapes, device, gen):
     temporal = (s.heads, s.context, s.dim // s.heads, s.kv_dtype, s.max_period, "temporal")
-    depth = (s.dep_heads, s.dep_context, s.dep_dim // s.dep_heads, s.dtype, None, "depformer")
-    for H, C, D, cache_dtype, max_period, what in (temporal, depth):
+    depth = (s.dep_heads, s.dep_context, s.dep_dim // max(s.dep_heads, 1), s.dtype, None, "depformer")
+    for H, C, D, cache_dtype, max_period, what in (temporal, depth) if s.dep_context else (temporal,):
         label = (f"{what} B={s.batch} H={H} C={C} D={D} {str(s.dtype)[6:]}, cache "
                  f"{str(cache_dtype)[6:]}")
         yield label, lambda H=H, C=C, D=D, cd=cache_dtype, mp=max_period: _attention(
@@ -172,7 +172,7 @@ def _attention(s: KernelShapes, device, gen, H, C, D, cache_dtype, max_period) -
 
 
 def _rms_norm_cases(s: KernelShapes, device, gen):
-    for dim in sorted({s.dim, s.dep_dim}):
+    for dim in sorted({s.dim, s.dep_dim} - {0}):
         yield f"[{s.batch}, {dim}] {str(s.dtype)[6:]} + residual", \
             lambda dim=dim: _rms_norm(s, device, gen, dim)
 
@@ -191,7 +191,7 @@ def _rms_norm(s, device, gen, dim) -> None:
 
 
 def _silu_gate_cases(s: KernelShapes, device, gen):
-    for hidden in sorted({s.ffn_hidden, s.dep_ffn_hidden}):
+    for hidden in sorted({s.ffn_hidden, s.dep_ffn_hidden} - {0}):
         yield f"[{s.batch}, 2 x {hidden}] {str(s.dtype)[6:]}", \
             lambda hidden=hidden: _silu_gate(s, device, gen, hidden)
 
@@ -204,7 +204,7 @@ def _silu_gate(s, device, gen, hidden) -> None:
 
 def _embedding_cases(s: KernelShapes, device, gen):
     for rows in sorted(set(s.vocabularies)):
-        for dim in sorted({s.dim, s.dep_dim}):
+        for dim in sorted({s.dim, s.dep_dim} - {0}):
             yield f"table [{rows + 1}, {dim}] {str(s.dtype)[6:]}", \
                 lambda rows=rows, dim=dim: _embedding(s, device, gen, rows + 1, dim)
 
@@ -250,7 +250,9 @@ def _sampling(s, device, gen, V) -> None:
 
 
 def _int8_cases(s: KernelShapes, device, gen):
-    shapes = {(3 * s.dim, s.dim), (s.dim, s.ffn_hidden), (2 * s.dep_ffn_hidden, s.dep_dim)}
+    shapes = {(3 * s.dim, s.dim), (s.dim, s.ffn_hidden)}
+    if s.dep_dim:
+        shapes.add((2 * s.dep_ffn_hidden, s.dep_dim))
     for N, K in sorted(shapes):
         yield f"[{s.batch}, {K}] x int8 [{N}, {K}]", lambda N=N, K=K: _int8(s, device, gen, N, K)
 

@@ -135,7 +135,8 @@ def engine_table(folder: Path, device: str = "cuda") -> str:
 
 def variant(meta: dict) -> str:
     return (f"kernels {meta.get('kernels')}, CUDA graphs {'on' if meta.get('cuda_graphs') else 'off'}, "
-            f"KV {meta.get('kv_cache')}")
+            f"KV {meta.get('kv_cache')}"
+            + (f", transcriber run ({meta['transcriber']})" if meta.get("transcriber") else ""))
 
 
 def variants_table(folder: Path, device: str = "cuda") -> str:
@@ -150,8 +151,10 @@ def variants_table(folder: Path, device: str = "cuda") -> str:
     rows = []
     for key, p in sorted(newest_by_variant.items()):
         for r in load(p)["rows"]:
-            if r["impl"] == "ours":
-                rows.append([key, f"`{p.name}`", r["sessions"], r["context"], ms(r["tick_p50_ms"]),
+            if r["impl"] in ("ours", "ours+stt"):  # a transcriber run times both
+                label = key if "transcriber" not in key else key + (
+                    ": with it" if r["impl"] == "ours+stt" else ": without it")
+                rows.append([label, f"`{p.name}`", r["sessions"], r["context"], ms(r["tick_p50_ms"]),
                              ms(r["lm_p50_ms"]), ms(r.get("lm_floor_ms")), r.get("lm_over_floor")])
     header = ["configuration", "file", "conversations", "context", "tick p50", "LM p50", "LM floor",
               "LM / floor"]

@@ -27,7 +27,7 @@ STEPS=(
     "engine 70 moshiko bf16, full context: our tick vs moshi's LMGen at 1, 8, 32 and the most conversations that fit; floor ratios; the self-check's time at load"
     "fp8 40 float8 KV cache at the largest batches: engine at 32, 80 and the most that fit; attention at B = 32, 64"
     "attention 25 attention kernel bandwidth at B = 1, 16, 32 x context 3000, L2 flushed; sampling kernel"
-    "transcriber 40 the transcriber (stt-1b-en_fr shape) beside the dialogue model: tick at 1, 16, 64 conversations, with and without it, if bench has --transcriber"
+    "transcriber 40 the transcriber (stt-1b-en_fr-candle shape, random bf16) in the tick: ours vs ours+stt at 1, 16, 64, full context, if bench has --transcriber"
     "hibiki 40 Hibiki-Zero shape (GQA, 16 + 16 codebooks): tick at 1, 8, 32 and the most that fit, if bench has --model"
     "ablations 40 our engine on the torch kernels, then without CUDA graphs, at 1 and 32 conversations"
     "int8 15 int8 GEMM (python -m duplex_agent.kernels.bench_int8_gemm), if the module exists"
@@ -112,7 +112,7 @@ else
     export DRY=0 DEV=cuda KIND=cuda TINY= SESSIONS=1,8,32,max MAX_CAP= FP8_SESSIONS=32,80,max FP8_CAP=
     export ABLATE=1,32 STEPS_PER_POINT=30 REPEATS=3 ATT_B=--batches=1,16,32 ATT_FP8_B=--batches=32,64
     export ATT_CTX=--contexts=3000 PYTEST_SELECT= TUNE_B=--batches=32,80,1,8,160 TUNE_TABLE=
-    export STT_SESSIONS=1,16,64 STT_MODEL=stt-1b-en_fr-shape HIBIKI_SESSIONS=1,8,32,max
+    export STT_SESSIONS=1,16,64 STT_MODEL=stt-1b-en_fr-candle HIBIKI_SESSIONS=1,8,32,max
     export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}  # the carried wheels go to /tmp/site
 fi
 
@@ -196,7 +196,7 @@ step_int8() {
 }
 step_transcriber() {
     "$PY" run_agent.py bench --help | grep -q -- --transcriber || { echo "bench has no --transcriber yet"; return "$SKIPPED"; }
-    engine_bench "$1" --no-reference --tag transcriber --sessions "$STT_SESSIONS" --transcriber "$STT_MODEL"
+    engine_bench "$1" --no-reference --sessions "$STT_SESSIONS" --transcriber "$STT_MODEL"
 }
 
 step_hibiki() {

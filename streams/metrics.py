@@ -8,7 +8,9 @@ as in the tests, can share a process. All names start with `duplex_`:
     conversations_ended_total{reason}             closed, error, idle, max_length, bad_input, ...
     ticks_total, ticks_failed_total               the engine driver's counters
     tick_seconds                                  histogram of whole engine ticks
-    tick_stage_seconds{stage}                     encode / lm / decode, when stages are profiled
+    tick_stage_seconds{stage}                     encode / lm / decode (/ transcriber), when stages
+                                                  are profiled
+    user_words_total                              the user's words the transcriber delivered
     tick_batch_size                               conversations per tick
     frame_latency_seconds                         input frame complete -> output frame ready
     late_frames_total                             output frames later than one frame (80 ms)
@@ -66,6 +68,8 @@ class _AgentCollector:
         yield CounterMetricFamily("duplex_ticks", "Engine ticks run", value=driver.ticks)
         yield CounterMetricFamily("duplex_ticks_failed", "Engine ticks that raised (their "
                                   "conversations ended with an error)", value=driver.failed_ticks)
+        yield CounterMetricFamily("duplex_user_words", "The user's words the transcriber "
+                                  "delivered (--transcriber)", value=driver.user_words)
         cache = self.agent.engine.prompt_cache.stats()
         for name, what in (("hits", "Persona prompts whose prefill was reused from the cache"),
                            ("misses", "Persona prompts prefilled from scratch"),
@@ -169,7 +173,7 @@ class Metrics:
             profile_stages = engine.device.type == "cpu"
         engine.profile = profile_stages
         if profile_stages:
-            for stage in STAGES:
+            for stage in STAGES + (("transcriber",) if engine.transcriber is not None else ()):
                 self.stage_seconds.labels(stage)
         agent._driver.tick_listeners.append(self._on_tick)
 

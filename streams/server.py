@@ -3,7 +3,8 @@
 Routes:
     GET  /           web/index.html (other files of web/ are served as static files)
     GET  /api/chat   Moshi's websocket protocol (streams/moshi_ws.py)
-    GET  /api/stats  JSON: active conversations, capacity, per-conversation stats, engine timings
+    GET  /api/stats  JSON: active conversations, capacity, per-conversation stats (the user's words
+                     with a transcriber), engine timings (the transcriber's step)
     GET  /api/voices JSON: a persona checkpoint's voices, {"personas": bool, "voices": [...]}
     GET  /metrics    Prometheus metrics (streams/metrics.py)
     POST /offer      WebRTC (streams/webrtc.py), when that module is present
@@ -158,6 +159,7 @@ def stats(agent, chat) -> dict:
     # copy() is atomic under the GIL; the engine thread appends to these deques.
     tick_ms = sorted(driver.tick_ms.copy())
     batch_sizes = driver.batch_sizes.copy()
+    transcriber_ms = sorted(agent.engine.transcriber_ms.copy())  # profiled ticks only
     return {
         "active": agent.active,
         "capacity": agent.max_conversations,
@@ -173,6 +175,9 @@ def stats(agent, chat) -> dict:
             "tick_ms_p99": percentile(tick_ms, 0.99),
             "batch_size_max": max(batch_sizes, default=None),
             "batch_size_mean": round(sum(batch_sizes) / len(batch_sizes), 2) if batch_sizes else None,
+            "user_words": driver.user_words,
+            "transcriber_step_ms_p50": percentile(transcriber_ms, 0.5),
+            "transcriber_step_ms_p99": percentile(transcriber_ms, 0.99),
         },
         "websocket": asdict(chat.counters),
     }

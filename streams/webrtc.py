@@ -8,7 +8,9 @@ Per connection (`PeerSession`):
 - the agent's voice goes out on `AgentVoiceTrack`: `AudioOut` frames resampled 24 -> 48 kHz into a
   small jitter buffer, read as 20 ms frames paced in real time;
 - a data channel opened by the browser (label "events") carries JSON to the page:
-  {"type": "text", "text", "start", "end"}, {"type": "stats", ...} every 0.5 s, {"type": "error", "message"}.
+  {"type": "text", "text", "start", "end"} (the agent's), {"type": "user_word", "text", "start",
+  "end"} (the user's, with a transcriber), {"type": "stats", ...} every 0.5 s,
+  {"type": "error", "message"}.
 
 Optional sampling fields in the offer: text_temperature, text_topk, audio_temperature, audio_topk,
 seed; and a persona: voice_prompt (a name from GET /api/voices) and text_prompt (the role), strings.
@@ -31,7 +33,8 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
-from duplex_agent.agent.api import AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut, percentile
+from duplex_agent.agent.api import (AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut,
+                                    UserWord, percentile)
 from duplex_agent.agent.config import SAMPLE_RATE, sampling_from_params
 from duplex_agent.checkpoints.personaplex import PersonaError
 from duplex_agent.streams.security import refusal
@@ -257,6 +260,9 @@ class PeerSession:
                 self.voice.feed(event.pcm, event.t_in)
             elif isinstance(event, TextOut):
                 self.send({"type": "text", "text": event.text, "start": event.start, "end": event.end})
+            elif isinstance(event, UserWord):
+                self.send({"type": "user_word", "text": event.text, "start": event.start,
+                           "end": event.end})
             elif isinstance(event, ErrorOut):
                 self.send({"type": "error", "message": event.message})
                 await asyncio.sleep(0.5)  # closing aborts the data channel: let the message go first

@@ -1,8 +1,9 @@
 """End to end through a real browser: headless Chromium talks to the server over WebRTC.
 
 Chromium's fake microphone plays an espeak-ng recording (looped); the tiny random model answers
-with noise and random text. The page must get the agent's track and transcript, the server must
-get the browser's audio at real-time rate, and the console must stay clean. A screenshot of the
+with noise and random text, and the tiny random transcriber writes random words for the user. The
+page must get the agent's track and both sides' words, the server must get the browser's audio at
+real-time rate, and the console must stay clean. A screenshot of the
 live page is saved to artifacts/browser.png. Without a browser: plain-HTTP checks of /offer (400,
 503), the outgoing track's jitter buffer, and an engine failure seen by a Python WebRTC peer.
 """
@@ -47,7 +48,8 @@ def loopback_ice(monkeypatch):
 
 @pytest.fixture(scope="module")
 def agent():
-    agent = Agent.load("tiny-random", device="cpu", max_conversations=2)
+    agent = Agent.load("tiny-random", device="cpu", max_conversations=2,
+                       transcriber="tiny-random-stt")
     yield agent
     agent.close()
 
@@ -201,6 +203,13 @@ async def test_browser_conversation(server, agent, fake_mic):
                 "document.querySelector('#transcript').textContent.trim()"
                 " && document.querySelector('#m-server').textContent.endsWith('ms')", timeout=20_000)
             transcript = await page.inner_text("#transcript")
+            # The user's words, as the transcriber heard the fake mic, on the same page.
+            await page.wait_for_function(
+                "document.querySelector('#transcript p[data-side=user] .words')"
+                " && document.querySelector('#transcript p[data-side=user] .words').textContent.trim()",
+                timeout=20_000)
+            user_words = await page.inner_text("#transcript p[data-side=user]")
+            user_sent = conv.stats.user_words
             # Turn-taking figures from the server: the user's espeak speech makes segments.
             await page.wait_for_function(
                 "/turns: you [1-9]/.test(document.querySelector('#turns').textContent)",
@@ -222,6 +231,8 @@ async def test_browser_conversation(server, agent, fake_mic):
     assert 0.6 * expected <= received <= 1.5 * expected, (received, expected)
     assert inbound and inbound["packetsReceived"] > 0 and inbound["totalSamplesReceived"] > 0, inbound
     assert transcript.strip(), "no transcript on the page"
+    assert user_words.startswith("YOU") and len(user_words.split()) >= 2, user_words
+    assert user_sent >= 1
     assert persona_hidden
     assert "answers after" in turns and "overlap" in turns
     assert not problems, problems

@@ -125,7 +125,8 @@ def test_dry_run_brings_back_every_step(dry_run):
         assert status["seconds"] <= status["budget_s"]
     for kind in ("engine/bench-cpu-tiny-", "fp8/bench-cpu-tiny-fp8-",
                  "ablations/bench-cpu-tiny-torch-kernels-",
-                 "ablations/bench-cpu-tiny-no-graphs-", "attention/attention-cpu-tiny-bf16-",
+                 "ablations/bench-cpu-tiny-no-graphs-", "transcriber/bench-cpu-tiny-stt-",
+                 "attention/attention-cpu-tiny-bf16-",
                  "attention/sampling-cpu-tiny-", "fp8/attention-cpu-tiny-fp8-", "tests/junit.xml",
                  "setup/env.json", "tune/tune-attention-cpu-tiny-", "tune/decode_attention-"):
         assert any(n.startswith(f"results/{kind}") for n in names), kind

@@ -168,5 +168,7 @@ def test_commands_take_quantize_and_lora():
     parser = build_parser()
     for argv in (["file", "in.wav", "out.wav"], ["serve"], ["local"]):
         args = parser.parse_args(argv + ["--quantize", "int8", "--lora", "a.safetensors"])
-        assert weight_options(args) == {"quantize": "int8", "lora": "a.safetensors"}
-        assert weight_options(parser.parse_args(argv)) == {"quantize": None, "lora": None}
+        assert weight_options(args) == {"quantize": "int8", "lora": "a.safetensors",
+                                        "transcriber": None}
+        assert weight_options(parser.parse_args(argv)) == {"quantize": None, "lora": None,
+                                                           "transcriber": None}

@@ -1,5 +1,6 @@
 // Browser client for the duplex agent: microphone -> WebRTC -> agent, agent voice -> <audio>,
-// transcript and server stats over the "events" data channel. Standard APIs only, no build step.
+// both sides' words (the agent's text; the user's, when the server runs a transcriber) and server
+// stats over the "events" data channel. Standard APIs only, no build step.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -11,7 +12,7 @@ const ui = {
 };
 
 const LAMP_THRESHOLD = 0.02;   // RMS of [-1, 1] samples: about -34 dBFS
-const NEW_LINE_GAP_S = 1.5;    // a pause this long in the monologue starts a new paragraph
+const NEW_LINE_GAP_S = 1.5;    // a pause this long in one side's words starts a new paragraph
 const ICE_GATHER_TIMEOUT_MS = 3000;
 const STATS_INTERVAL_MS = 1000;
 
@@ -50,8 +51,7 @@ class Session {
     this.server = {};        // latest stats message from the server
     this.browser = {};       // latest figures from getStats()
     this.prevInbound = null;
-    this.paragraph = null;
-    this.lastEnd = -Infinity;
+    this.lines = { agent: null, user: null };  // each side's open paragraph
     this.stopped = false;
   }
 
@@ -108,7 +108,8 @@ class Session {
   }
 
   onMessage(msg) {
-    if (msg.type === "text") this.addText(msg);
+    if (msg.type === "text") this.addWords("agent", msg.text, msg);
+    else if (msg.type === "user_word") this.addWords("user", msg.text, msg);
     else if (msg.type === "stats") { this.server = msg; this.render(); }
     else if (msg.type === "error") this.fail(`The agent stopped: ${msg.message}`);
   }
@@ -118,16 +119,27 @@ class Session {
     if (!this.stopped && session === this) fail(message);
   }
 
-  addText({ text, start, end }) {
+  // One side's words: the agent's text pieces carry their own spaces, the user's are whole words.
+  // A side's paragraph goes on until it pauses; paragraphs stand in the order they started (the
+  // user's words come a second or two after they were said).
+  addWords(side, text, { start, end }) {
     const box = ui.transcript;
     const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 24;
-    if (!this.paragraph || start - this.lastEnd > NEW_LINE_GAP_S) {
-      this.paragraph = document.createElement("p");
-      box.append(this.paragraph);
-      text = text.trimStart();
+    let line = this.lines[side];
+    if (!line || start - line.end > NEW_LINE_GAP_S) {
+      const p = document.createElement("p");
+      p.dataset.side = side;
+      p.dataset.start = start;
+      p.append(Object.assign(document.createElement("span"), { className: "who", textContent: side === "user" ? "You" : "Agent" }));
+      p.append(Object.assign(document.createElement("span"), { className: "words" }));
+      const later = [...box.children].find((other) => Number(other.dataset.start) > start);
+      box.insertBefore(p, later || null);
+      line = this.lines[side] = { p, end, empty: true };
     }
-    this.paragraph.textContent += text;
-    this.lastEnd = end;
+    const words = line.p.querySelector(".words");
+    words.textContent += line.empty ? text.trimStart() : side === "user" ? ` ${text}` : text;
+    line.empty = false;
+    line.end = end;
     if (atBottom) box.scrollTop = box.scrollHeight;
   }
 

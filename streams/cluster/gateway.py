@@ -549,7 +549,12 @@ class Gateway:
                       "tick_ms_p50": max((e["tick_ms_p50"] or 0 for e in engines), default=None),
                       "tick_ms_p99": max((e["tick_ms_p99"] or 0 for e in engines), default=None),
                       "batch_size_max": max((e["batch_size_max"] or 0 for e in engines),
-                                            default=None)}
+                                            default=None),
+                      "user_words": sum(e.get("user_words", 0) for e in engines),
+                      "transcriber_step_ms_p50": max(
+                          (e.get("transcriber_step_ms_p50") or 0 for e in engines), default=None),
+                      "transcriber_step_ms_p99": max(
+                          (e.get("transcriber_step_ms_p99") or 0 for e in engines), default=None)}
             engine.pop("batch_size_mean", None)
         return {
             "active": sum(s["active"] for _, s in up),

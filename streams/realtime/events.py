@@ -75,7 +75,7 @@ class SessionConfig:
     turn_detection: dict | None = field(default_factory=lambda: dict(DEFAULT_TURN_DETECTION))
     instructions: str | None = None
     voice: str | None = None
-    transcription: dict | None = None
+    transcription: dict | None = None  # audio.input.transcription: the user's words (any model)
 
     def to_json(self, transcribing: bool = False) -> dict:
         return {
@@ -92,15 +92,16 @@ class SessionConfig:
             "truncation": "auto", "include": None, "prompt": None,
         }
 
-    def updated(self, session) -> "SessionUpdate":
+    def updated(self, session, semantic_vad: bool = False) -> "SessionUpdate":
         """This configuration with a `session.update`'s `session` applied field by field: each
         valid field applies (`instructions`, `voice` and `transcription` as asked: the session
         decides what of them is in effect), a malformed one is left out with its error, and one
-        that a full-duplex model cannot honour is accepted and listed in `ignored`."""
+        that a full-duplex model cannot honour is accepted and listed in `ignored`.
+        `semantic_vad`: a transcriber's pause heads can serve semantic_vad as asked."""
         if not isinstance(session, dict):
             raise ProtocolError("invalid_type", "session must be an object", "session")
         update = SessionUpdate(dataclasses.replace(
-            self, turn_detection=_copy(self.turn_detection)))
+            self, turn_detection=_copy(self.turn_detection)), semantic_vad=semantic_vad)
         for key, value in session.items():
             param = f"session.{key}"
             try:
@@ -185,6 +186,7 @@ class SessionUpdate:
     config: SessionConfig
     errors: list[ProtocolError] = field(default_factory=list)
     ignored: list[tuple[str, str]] = field(default_factory=list)
+    semantic_vad: bool = False  # pause heads serve semantic_vad (agent/turns.py)
 
     def ignore(self, param: str, why: str) -> None:
         self.ignored.append((param, why))
@@ -229,11 +231,12 @@ def _apply_audio(update: SessionUpdate, audio) -> None:
                     else:
                         new.output_format = kind
                 elif (side, key) == ("input", "turn_detection"):
-                    new.turn_detection = parse_turn_detection(value, param, ignore)
+                    new.turn_detection = parse_turn_detection(value, param, ignore,
+                                                              update.semantic_vad)
                 elif (side, key) == ("input", "transcription"):
                     _require(value is None or isinstance(value, dict), "invalid_type",
                              "transcription must be null or an object", param)
-                    new.transcription = value
+                    new.transcription = dict(value) if value is not None else None
                 elif (side, key) == ("input", "noise_reduction"):
                     _require(value is None or isinstance(value, dict) and value.get("type") in (
                         "near_field", "far_field"), "invalid_value", "noise_reduction must be "
@@ -276,10 +279,12 @@ def format_json(kind: str) -> dict:
     return {"type": kind, "rate": FORMATS[kind][0]}
 
 
-def parse_turn_detection(value, param: str, ignore) -> dict | None:
+def parse_turn_detection(value, param: str, ignore, semantic: bool = False) -> dict | None:
     """The VAD in effect for a `turn_detection` setting (null: none). server_vad's
-    `silence_duration_ms` and `prefix_padding_ms` drive it; semantic_vad runs as server_vad with
-    its default timing. `ignore(param, why)` hears of each setting not in effect."""
+    `silence_duration_ms` and `prefix_padding_ms` drive it; semantic_vad is served by a
+    transcriber's pause heads where `semantic` (its `eagerness` sets how long webrtcvad still
+    waits), else it runs as server_vad with its default timing. `ignore(param, why)` hears of each
+    setting not in effect."""
     if value is None:
         return None
     _require(isinstance(value, dict) and value.get("type") in ("server_vad", "semantic_vad"),
@@ -305,8 +310,11 @@ def parse_turn_detection(value, param: str, ignore) -> dict | None:
             _require(v in ("low", "medium", "high", "auto"), "invalid_value",
                      "eagerness must be 'low', 'medium', 'high' or 'auto'", sub)
     in_effect = dict(DEFAULT_TURN_DETECTION)
-    if value["type"] == "semantic_vad":
-        ignore(f"{param}.type", "semantic_vad runs as server_vad with its default timing")
+    if value["type"] == "semantic_vad" and semantic:
+        in_effect.update(type="semantic_vad", eagerness=value.get("eagerness", "auto"))
+    elif value["type"] == "semantic_vad":
+        ignore(f"{param}.type", "semantic_vad runs as server_vad with its default timing (no "
+                                "transcriber with pause heads is loaded)")
     else:
         for key in ("prefix_padding_ms", "silence_duration_ms"):
             in_effect[key] = value.get(key, in_effect[key])

@@ -18,7 +18,11 @@ as fatal, and their default traffic carries many such settings.
   `audio.output.voice` as voice prompt; both are fixed from then on. A WebRTC call opens it at
   the POST, with the offer's `session`.
 - Input audio goes to the model as it arrives (there is no buffer to commit); webrtcvad on the same
-  audio gives `input_audio_buffer.speech_started`/`_stopped` and the user's items.
+  audio gives `input_audio_buffer.speech_started`/`_stopped` and the user's items. With a
+  transcriber that has pause heads, `semantic_vad` ends the user's speech where Kyutai's semantic
+  VAD says the turn ended (agent/turns.py), webrtcvad only after a long silence (by eagerness).
+- With a transcriber and `audio.input.transcription` set, each user item gets its words as
+  `conversation.item.input_audio_transcription.delta`/`.completed` (streams/realtime/transcripts.py).
 - The agent's stream becomes responses: one utterance (first voiced frame to a stretch of silence)
   is one response; between responses nothing is sent. `response.create` opens a response at once
   that takes the agent's current or next utterance. `response.cancel` and the truncation or
@@ -37,7 +41,7 @@ import logging
 import re
 import time
 import weakref
-from collections import defaultdict, deque
+from collections import deque
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 
@@ -45,15 +49,16 @@ import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from duplex_agent.agent.api import (AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut,
-                                    percentile)
-from duplex_agent.agent.config import SAMPLE_RATE, sampling_from_params
-from duplex_agent.agent.turns import TurnTaking
+                                    UserWord, percentile)
+from duplex_agent.agent.config import FRAME_RATE, SAMPLE_RATE, sampling_from_params
+from duplex_agent.agent.turns import PauseDetector, TurnTaking
 from duplex_agent.streams.realtime.events import (BUILTIN_VOICES, AudioEncoder,
                                                   ConversationItems, ProtocolError, Response,
                                                   SessionConfig, UtteranceRule, Utterances,
                                                   client_item, decode_audio, error_event,
                                                   item_text, new_id, user_audio_item,
                                                   user_item_events, vad_timing)
+from duplex_agent.streams.realtime.transcripts import InputTranscripts
 from duplex_agent.streams.security import refusal, refuse_full
 
 log = logging.getLogger(__name__)
@@ -64,7 +69,9 @@ HEARTBEAT_S = 20.0
 HARD_LIMIT_FACTOR = 4  # messages up to 4x --max-message-bytes get an error event; larger close
 MAX_PENDING_TEXT = 4096  # transcript held between responses (characters)
 RECENT_RESPONSES = 64  # ids of ended responses a late response.cancel may name
-RECENT_USER_ITEMS = 64  # user speech spans kept for attributing transcripts
+# semantic_vad with pause heads: the silence after which webrtcvad still ends the user's speech
+# when the pause heads have not (OpenAI's eagerness: low waits up to 8 s, high 2 s).
+SEMANTIC_MAX_SILENCE_S = {"low": 8.0, "medium": 4.0, "auto": 4.0, "high": 2.0}
 
 
 @dataclass
@@ -88,6 +95,8 @@ class RealtimeCounters:
     truncated_items: int = 0  # conversation.item.truncate (a barge-in, as frameworks send it)
     deleted_items: int = 0
     forgotten_items: int = 0  # the oldest items of a session beyond its item limits
+    input_transcripts: int = 0  # user items whose transcription was completed
+    unplaced_words: int = 0  # the user's words that fell in no user item (not sent)
     ended_by_limits: int = 0
     engine_errors: int = 0
 
@@ -124,8 +133,9 @@ class RealtimeSession:
         self._speaking = False
         self._user_item: str | None = None
         self._uncommitted = 0.0  # seconds appended since the last commit
-        self._user_spans: deque[list] = deque(maxlen=RECENT_USER_ITEMS)  # [item, start, end]
-        self._user_text: defaultdict[str, list[str]] = defaultdict(list)
+        transcriber = self.agent.engine.transcriber
+        self._transcripts = InputTranscripts(transcriber.bundle.delay_s) if transcriber else None
+        self._pauses = PauseDetector() if transcriber and transcriber.bundle.pause_heads else None
         # agent side
         self._utterances = Utterances(endpoint.rule)
         self._encoder = AudioEncoder(self.config.output_format)
@@ -138,7 +148,7 @@ class RealtimeSession:
     @property
     def transcribing(self) -> bool:
         """User transcripts are in effect: asked for, and a transcriber is loaded."""
-        return self.config.transcription is not None and self.endpoint.transcriber is not None
+        return self.config.transcription is not None and self._transcripts is not None
 
     # -- events out ------------------------------------------------------------------------------
     async def emit(self, *events: dict) -> None:
@@ -195,7 +205,7 @@ class RealtimeSession:
     async def configure(self, session) -> list[ProtocolError]:
         """Apply a `session.update`'s `session` field by field: what is valid applies or is
         accepted as not in effect (logged once); returns an error per malformed field."""
-        update = self.config.updated(session)
+        update = self.config.updated(session, semantic_vad=self._pauses is not None)
         new, old, ignore = update.config, self.config, update.ignore
         if new.instructions and not self.agent.voices():
             ignore("session.instructions", "this checkpoint has no persona training: it cannot "
@@ -215,7 +225,7 @@ class RealtimeSession:
                 except ProtocolError as e:
                     update.errors.append(e)
                     new.voice = old.voice
-        if new.transcription is not None and self.endpoint.transcriber is None:
+        if new.transcription is not None and self._transcripts is None:
             ignore("session.audio.input.transcription", "no speech-to-text model is loaded")
         if new.turn_detection != old.turn_detection:
             await self._reset_vad()
@@ -460,6 +470,8 @@ class RealtimeSession:
         if td is None:
             return
         silence_s, padding_s = vad_timing(td)
+        if self._semantic:
+            silence_s = SEMANTIC_MAX_SILENCE_S.get(td.get("eagerness"), 4.0)
         if self._vad is None or self._vad_rate != rate:
             await self._reset_vad()
             self._vad, self._vad_rate = TurnTaking(rate, merge_gap_s=silence_s), rate
@@ -470,10 +482,11 @@ class RealtimeSession:
             start, end = segments[self._seen]
             if not self._speaking:
                 self._speaking, self._user_item = True, new_id("item")
-                self._user_spans.append([self._user_item, start, None])
+                start_ms = int(max(0.0, start - padding_s) * 1000)
                 events.append({"type": "input_audio_buffer.speech_started",
-                               "audio_start_ms": int(max(0.0, start - padding_s) * 1000),
-                               "item_id": self._user_item})
+                               "audio_start_ms": start_ms, "item_id": self._user_item})
+                if self._transcripts is not None:
+                    self._transcripts.started(self._user_item, start_ms / 1000)
             if self._seen >= len(track.closed):
                 break
             events += self._speech_stopped(end)
@@ -482,39 +495,46 @@ class RealtimeSession:
     def _speech_stopped(self, end_s: float) -> list[dict]:
         self._seen += 1
         self._speaking, item, self._user_item = False, self._user_item, None
-        self._user_spans[-1][2] = end_s
-        return [{"type": "input_audio_buffer.speech_stopped", "audio_end_ms": int(end_s * 1000),
-                 "item_id": item}, *self._commit_events(item)]
+        end_ms = int(end_s * 1000)
+        events = [{"type": "input_audio_buffer.speech_stopped", "audio_end_ms": end_ms,
+                   "item_id": item}, *self._commit_events(item)]
+        if self._transcripts is not None:
+            events += self._transcribed(self._transcripts.stopped(item, end_ms / 1000))
+        return events
+
+    @property
+    def _semantic(self) -> bool:
+        """semantic_vad served by the transcriber's pause heads."""
+        td = self.config.turn_detection
+        return self._pauses is not None and td is not None and td["type"] == "semantic_vad"
+
+    def _semantic_turn_end(self, event: AudioOut) -> list[dict]:
+        """The pause heads ended the user's turn: the speech in progress stops where webrtcvad
+        last heard it, and the next speech opens a new item."""
+        t = event.step / FRAME_RATE
+        if self._pauses is None or not (self._pauses.update(event.pause, t) and self._speaking
+                                        and self._semantic and self._vad is not None):
+            return []
+        segment = self._vad.user.cut()
+        return self._speech_stopped(segment[1] if segment else t)
+
+    def _transcribed(self, events: list[dict]) -> list[dict]:
+        """Input transcription events, if the session asked for them; a completed transcript
+        also goes into its user item (conversation.item.retrieve shows it)."""
+        if not self.transcribing:
+            return []
+        for event in events:
+            if event["type"].endswith(".completed"):
+                self.endpoint.counters.input_transcripts += 1
+                if event["item_id"] in self.items:
+                    self.items.update(user_audio_item(event["item_id"], event["transcript"]))
+        return events
 
     async def _reset_vad(self) -> None:
         """New VAD settings or input rate: an utterance in progress ends here."""
         if self._speaking:
             await self.emit(*self._speech_stopped(self._input_s))
         self._vad, self._seen = None, 0
-
-    # -- user transcripts: the hook for a transcriber ----------------------------------------------
-    def user_item_at(self, t_s: float) -> str | None:
-        """The user item whose speech holds `t_s` (seconds of input audio, the VAD's clock), or
-        the last one that started before it; None before any speech."""
-        found = None
-        for item_id, start, _end in self._user_spans:
-            if start <= t_s:
-                found = item_id
-        return found
-
-    async def user_transcript_delta(self, item_id: str, text: str) -> None:
-        """Words a transcriber heard in the user's item `item_id`."""
-        self._user_text[item_id].append(text)
-        await self.emit({"type": "conversation.item.input_audio_transcription.delta",
-                         "item_id": item_id, "content_index": 0, "delta": text})
-
-    async def user_transcript_done(self, item_id: str) -> None:
-        """The transcriber is done with `item_id`: its transcript goes into the item."""
-        transcript = "".join(self._user_text.pop(item_id, []))
-        if item_id in self.items:
-            self.items.update(user_audio_item(item_id, transcript))
-        await self.emit({"type": "conversation.item.input_audio_transcription.completed",
-                         "item_id": item_id, "content_index": 0, "transcript": transcript})
 
     # -- the agent's speech ----------------------------------------------------------------------
     async def _pump_events(self) -> None:
@@ -529,6 +549,10 @@ class RealtimeSession:
                 await self._on_audio(event)
             elif isinstance(event, TextOut):
                 await self._on_text(event.text)
+            elif isinstance(event, UserWord) and self._transcripts is not None:
+                unplaced = self._transcripts.unplaced_words
+                await self.emit(*self._transcribed(self._transcripts.word(event.text, event.start)))
+                self.endpoint.counters.unplaced_words += self._transcripts.unplaced_words - unplaced
             elif isinstance(event, ErrorOut):
                 reason = self.endpoint.tracker.ended_by_server(conv)
                 if reason:
@@ -543,6 +567,10 @@ class RealtimeSession:
                 await self.finish()
 
     async def _on_audio(self, event: AudioOut) -> None:
+        if self._transcripts is not None:
+            user = self._semantic_turn_end(event) if event.pause is not None else []
+            user += self._transcribed(self._transcripts.tick((event.step + 1) / FRAME_RATE))
+            await self.emit(*user)
         action, frames = self._utterances.feed(event.pcm)
         if action == "muted":
             self.endpoint.counters.muted_frames += 1
@@ -638,18 +666,12 @@ class RealtimeSession:
 
 
 class RealtimeEndpoint:
-    """The Realtime routes of one server, with their counters and open sessions.
-
-    `transcriber`: None until a speech-to-text model serves user transcripts; with one, a session
-    that asks for `audio.input.transcription` has it in effect, and the transcriber reports what
-    it hears through the session's `user_transcript_delta`/`_done` (`user_item_at` tells which
-    user item a moment of input audio belongs to)."""
+    """The Realtime routes of one server, with their counters and open sessions."""
 
     def __init__(self, agent, policy, tracker, metrics, rule: UtteranceRule | None = None):
         self.agent, self.policy, self.tracker, self.metrics = agent, policy, tracker, metrics
         self.rule = rule or UtteranceRule()
         self.model = agent.engine.describe()["checkpoint"]
-        self.transcriber = None
         self.counters = RealtimeCounters()
         self.latency_ms: deque[float] = deque(maxlen=20_000)  # frame in -> its delta sent
         self._pending = 0  # sessions connected whose conversation is not open yet
