@@ -75,7 +75,7 @@ def check_kernels(shapes: KernelShapes, device: torch.device,
                   only: tuple[str, ...] | None = None) -> list[KernelCheck]:
     """Run each of `shapes.kernels()` (or `only`) once on `device`; one result per kernel."""
     results = []
-    for kernel in only or shapes.kernels():
+    for kernel in shapes.kernels() if only is None else only:
         check = KernelCheck(kernel, ok=True)
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(len(results))

@@ -158,3 +158,15 @@ async def test_stats_and_metrics_say_what_fell_back(triton_here, monkeypatch):
     finally:
         await runner.cleanup()
         agent.close()
+
+
+def test_nothing_is_checked_where_nothing_runs_triton(monkeypatch):
+    """On CPU under auto every kernel runs its reference: no check runs, none falls back."""
+    monkeypatch.delenv("AGENT_KERNELS", raising=False)
+    dispatch.forget_fallbacks()
+    engine = Engine(load_checkpoint("tiny-random", "cpu"), 1)
+    monkeypatch.setattr(selfcheck, "CHECKS", {})  # any check would now raise KeyError
+    engine.warm_up()
+    assert engine.describe()["kernels"]["rms_norm"] == {"path": "torch"}
+    [shapes] = engine.kernel_shapes()
+    assert selfcheck.check_kernels(shapes, engine.device, only=()) == []
