@@ -337,10 +337,10 @@ def _lora_from_config(name: str, raw: dict, get: Callable[..., Path | None],
     return replace(weights, lora=lora, lora_rank=rank, lora_scaling=scaling)
 
 
-def _apply_weight_options(cfg: LMConfig, state: dict, device, name: str,
+def _apply_weight_options(cfg: LMConfig, state: dict, device, dtype, name: str,
                           weights: WeightOptions) -> tuple[LMConfig, dict]:
-    """LoRA fused into the float weights, then --quantize int8; both on the state dict, so the
-    model is built once with its final weights."""
+    """LoRA fused into the float weights at the compute `dtype`, then --quantize int8; both on
+    the state dict, so the model is built once with its final weights."""
     from dataclasses import replace
 
     from duplex_agent.checkpoints import lora, quantize
@@ -354,7 +354,7 @@ def _apply_weight_options(cfg: LMConfig, state: dict, device, name: str,
         scaling = lora.DEFAULT_SCALING if weights.lora_scaling is None else float(weights.lora_scaling)
         try:
             state = lora.fuse_lora(state, lora.read_adapter(weights.lora), scaling, steps,
-                                   weights.lora_rank)
+                                   weights.lora_rank, dtype)
         except lora.AdapterMismatch as e:
             raise CheckpointError(f"{name}: LoRA adapter {weights.lora}: {e}") from e
     if weights.quantize == "int8" and not cfg.quantize:
@@ -370,7 +370,7 @@ def _apply_weight_options(cfg: LMConfig, state: dict, device, name: str,
 
 def _build_lm(cfg: LMConfig, state: dict, device, dtype, name: str = "",
               weights: WeightOptions = WeightOptions()) -> MoshiLM:
-    cfg, state = _apply_weight_options(cfg, state, device, name, weights)
+    cfg, state = _apply_weight_options(cfg, state, device, dtype, name, weights)
     with torch.device("meta"):
         model = MoshiLM(cfg)
     expected = set(model.state_dict())

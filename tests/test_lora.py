@@ -8,7 +8,7 @@ import pytest
 import torch
 from moshi.models import loaders
 from moshi.modules.lora import replace_all_linear_with_lora
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from duplex_agent.agent.config import LMConfig, SamplingConfig
 from duplex_agent.checkpoints.loader import CheckpointError, load_checkpoint
@@ -79,6 +79,30 @@ def test_lora_flag_matches_get_lora_moshi(base_dir, adapter_dir, reference):
     assert not torch.equal(plain.text_linear.weight, bundle.model.text_linear.weight)
     stacked = bundle.model.depformer.layers[0].self_attn.in_proj_weight
     assert not torch.equal(plain.depformer.layers[0].self_attn.in_proj_weight, stacked)
+
+
+def test_bf16_base_fused_at_compute_dtype(tmp_path):
+    """A bf16 checkpoint and a bf16 adapter (as published and as moshi-finetune saves them) run in
+    fp32: the fused weights stay fp32, as in moshi's `get_moshi(fuse_lora=True)`; rounding them
+    back to the storage dtype made greedy text drift from moshi's."""
+    base = write_checkpoint_dir(tmp_path / "bf16")
+    state = load_file(str(base / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(base / "model.safetensors"))
+    adapter = tmp_path / "lora.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in random_adapter(seed=6).items()}, str(adapter))
+    (tmp_path / "config.json").write_text(json.dumps({"lora_rank": RANK, "lora_scaling": SCALING}))
+    config = json.loads((base / "config.json").read_text())
+    info = loaders.CheckpointInfo(
+        base / "model.safetensors", base / "mimi.safetensors", base / "tokenizer.model",
+        lm_config={k: v for k, v in config.items() if not k.endswith("_name")
+                   and k not in ("model_type", "lm_gen_config")}
+        | {"lora": True, "lora_rank": RANK, "lora_scaling": SCALING},
+        lora_weights=adapter)
+    reference = info.get_moshi(device="cpu", dtype=torch.float32, fuse_lora=True).eval()
+    bundle = load_checkpoint(str(base), "cpu", lora=adapter)
+    assert bundle.model.text_linear.weight.dtype == torch.float32
+    assert torch.equal(bundle.model.text_linear.weight, reference.text_linear.weight)
+    assert_same_as_reference(bundle.model, reference, steps=110)
 
 
 def test_lora_config_keys(tmp_path, adapter_dir, reference):
