@@ -130,12 +130,18 @@ def _load_directory(name: str, root: Path, device, dtype, voice_prompt_dir=None,
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick probe, so that an offline machine gets the cache (or a clear message) at once
-    instead of huggingface_hub's retries with back-off."""
+    """One quick probe of the Hub's host (HF_ENDPOINT's, for a mirror), so that an offline machine
+    gets the cache (or a clear message) at once instead of huggingface_hub's retries with
+    back-off."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
         return False
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -144,6 +150,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _load_from_hub(repo: str, device, dtype, voice_prompt_dir=None,
                    weights: WeightOptions = WeightOptions()) -> AgentBundle:
     known = lookup(repo)
+    if known is not None and known.licence:
+        log.info("%s is under the %s licence%s.", repo, known.licence,
+                 " (gated on the Hub: its licence is accepted on the model page)"
+                 if known.gated else "")
     cache_only = not _hub_reachable()
     if known is not None and known.layout == "hf":
         root = _hub_call(repo, lambda hub: hub.snapshot_download(
@@ -183,21 +193,62 @@ def _hub_file_spec(spec: str, cache_only: bool | None = None) -> Path:
 
 def _hub_call(repo: str, fn: Callable):
     import huggingface_hub as hub
-    from huggingface_hub.utils import (GatedRepoError, LocalEntryNotFoundError,
-                                       RepositoryNotFoundError)
+    from huggingface_hub.utils import LocalEntryNotFoundError
     try:
         return fn(hub)
     except CheckpointError:
         raise
-    except LocalEntryNotFoundError as e:
-        raise CheckpointError(offline_message(repo, "no network connection to the Hub, and the "
-                                              "files are not in the local Hugging Face cache")) from e
-    except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise CheckpointError(f"--checkpoint {repo}: the Hugging Face Hub has no such repository "
-                              "(or it needs a login). Check the repo id, or give a local "
-                              "directory or tiny-random.") from e
-    except OSError as e:  # connection errors, timeouts, disk
-        raise CheckpointError(offline_message(repo, str(e).splitlines()[0][:200])) from e
+    except Exception as e:
+        refused = _refusal_message(repo, e)
+        if refused is not None:
+            raise CheckpointError(refused) from e
+        if isinstance(e, LocalEntryNotFoundError):
+            raise CheckpointError(offline_message(repo, "no network connection to the Hub, and "
+                                                  "the files are not in the local Hugging Face "
+                                                  "cache")) from e
+        if isinstance(e, OSError):  # connection errors, timeouts, disk
+            raise CheckpointError(offline_message(repo, str(e).splitlines()[0][:200])) from e
+        raise
+
+
+def _refusal_message(repo: str, error: BaseException) -> str | None:
+    """The message for a Hub that answered but refused `repo` (gated, 401, 403, not found), or
+    None. The answer is looked for along the exception chain: hf_hub_download reports a 403 on a
+    file's metadata as a LocalEntryNotFoundError caused by it, as if the network were down."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    known = lookup(repo)
+    seen: BaseException | None = error
+    while seen is not None:
+        status = getattr(getattr(seen, "response", None), "status_code", None)
+        if isinstance(seen, GatedRepoError) or (known is not None and known.gated
+                                                and status in (401, 403)):
+            return _gated_message(repo, f"HTTP {status}, gated repository" if status
+                                 else "gated repository")
+        if isinstance(seen, RepositoryNotFoundError):
+            return (f"--checkpoint {repo}: the Hugging Face Hub has no such repository, or it is "
+                    "private or gated and needs a login (accept its licence on its page, then set "
+                    "HF_TOKEN or run `hf auth login`). Check the repo id, or give a local "
+                    "directory or tiny-random.")
+        if isinstance(seen, HfHubHTTPError) and status == 401:
+            return (f"--checkpoint {repo}: the Hugging Face Hub refused the access token "
+                    "(HTTP 401, invalid credentials): set HF_TOKEN to a valid token "
+                    f"({constants.ENDPOINT}/settings/tokens) or run `hf auth login` again.")
+        if isinstance(seen, HfHubHTTPError) and status == 403:
+            return _gated_message(repo, "HTTP 403, forbidden: a gated repository, or a token "
+                                 "without read access to it")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _gated_message(repo: str, answer: str) -> str:
+    from huggingface_hub import constants
+    known = lookup(repo)
+    licence = f" ({known.licence})" if known is not None and known.licence else ""
+    return (f"--checkpoint {repo}: the Hugging Face Hub refused the download ({answer}). Accept "
+            f"the licence{licence} on {constants.ENDPOINT}/{repo} while logged in, then let this "
+            "machine use your account: set HF_TOKEN to an access token "
+            f"({constants.ENDPOINT}/settings/tokens) or run `hf auth login`.")
 
 
 def offline_message(repo: str, reason: str) -> str:
@@ -257,7 +308,9 @@ def _load_layout(name: str, get: Callable[..., Path | None], root: Path | None, 
     mimi = loaders.get_mimi(str(mimi_file), mimi_config, device=device,
                             num_codebooks=max(cfg.dep_q, cfg.num_user_codebooks)).eval()
     personas = (_personas(name, cfg, mimi, voice_prompt_dir,
-                          lambda: personaplex.checkpoint_voices(root, get)) if persona else None)
+                          lambda: personaplex.checkpoint_voices(
+                              root, get, known.voices if known else None))
+                if persona else None)
     return AgentBundle(name, cfg, model, mimi, _load_tokenizer(tokenizer_file, cfg, name),
                        sampling, personas=personas)
 
