@@ -219,7 +219,8 @@ class Engine:
             max_period=cfg.max_period, ffn_hidden=cfg.ffn_hidden, dep_dim=cfg.depformer_dim,
             dep_heads=cfg.depformer_num_heads, dep_context=cfg.dep_q,
             dep_ffn_hidden=cfg.depformer_ffn_hidden, vocabularies=(cfg.text_card, cfg.card),
-            int8=cfg.quantize)
+            int8=cfg.quantize, kv_heads=cfg.num_kv_heads, dep_kv_heads=cfg.depformer_num_kv_heads,
+            rope_interleaved=cfg.rope_interleaved)
 
     # -- slot table ------------------------------------------------------------------------------
     @property
