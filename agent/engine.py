@@ -4,6 +4,13 @@ One tick = batched Mimi encode of the slots that have an input frame -> one batc
 batched Mimi decode. A slot without an input frame this tick does not execute: its codec, KV cache,
 token ring and random stream are left exactly as they were. Slots are opened and closed between
 ticks without touching the others.
+
+A translating checkpoint (Hibiki-Zero, `model_type` "hibiki") runs each conversation as its
+inference does (kyutai-labs/hibiki-zero `generate`): the model first steps over `max_delay` frames
+of encoded silence; the user's frames are the source speech; after `end_input`, the next frame
+carries the end-of-input marker (the codebook size on every source codebook) and the following
+ones silence, until the model says EOS (text id 2), which ends the translation. An EOS sampled
+before the end of the input is ignored (the loader makes the model read it back as PAD).
 """
 from __future__ import annotations
 
@@ -50,17 +57,23 @@ RESERVED_BYTES = 1 << 30
 # `--kv-cache` choices: the weights' dtype, or float8 (half the memory of bf16, twice the slots).
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
 
+TEXT_EOS_ID = 2  # a translating model's "translation complete"
+# A translation that never says EOS after its input ended is ended after this much silence.
+FLUSH_LIMIT_FRAMES = 30 * 25 // 2  # 30 s
+
 
 def kv_bytes_per_step(cfg, kv_dtype: torch.dtype) -> int:
-    """Temporal KV cache bytes of one step of one conversation (512 KiB for moshiko in bf16)."""
-    return 2 * cfg.num_layers * cfg.dim * kv_dtype.itemsize
+    """Temporal KV cache bytes of one step of one conversation: keys and values of the KV heads
+    only (512 KiB for moshiko in bf16; Hibiki-Zero's 8 of 16 heads over 28 layers: 112 KiB)."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_dtype.itemsize
 
 
 def bytes_per_conversation(cfg, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> int:
     """Memory one slot needs: the temporal ring KV cache (3000 steps x 32 layers for moshiko:
     1.57 GB in bf16, 0.79 GB in float8), the depformer's, and a fixed overhead."""
     temporal = kv_bytes_per_step(cfg, kv_dtype or dtype) * cfg.context
-    depth = 2 * cfg.depformer_num_layers * cfg.depformer_dim * cfg.dep_q * dtype.itemsize
+    depformer_kv_dim = cfg.depformer_dim // cfg.depformer_num_heads * cfg.depformer_num_kv_heads
+    depth = 2 * cfg.depformer_num_layers * depformer_kv_dim * cfg.dep_q * dtype.itemsize
     return temporal + depth + PER_SLOT_OVERHEAD_BYTES
 
 
@@ -132,6 +145,9 @@ class FrameOut:
     text: str | None  # the text this id completes (whole characters); None for pad/end-of-pad,
     # not generated, or a byte piece of an unfinished character
     step: int  # index of this conversation's frame (0-based)
+    # A translation is complete: the model said EOS after the end of the input (or stayed silent
+    # for FLUSH_LIMIT_FRAMES). This frame's audio and text are not part of it.
+    end: bool = False
 
 
 @dataclass
@@ -141,11 +157,14 @@ class Slot:
     steps: int = 0
     error: str | None = None  # why this conversation cannot go on (its prompt failed); not ticked
     text: TextDecoder | None = None  # this conversation's text ids -> whole UTF-8 characters
+    warmup: int = 0  # LM steps taken at reset (a translation's encoded silence)
+    input_ended: bool = False  # translation: the source speech is over
+    flushed: int = 0  # translation: frames stepped since the end-of-input marker
 
     @property
     def offset(self) -> int:
         """The LM position of this conversation's next frame."""
-        return self.steps + (self.prompt.length if self.prompt is not None else 0)
+        return self.steps + self.warmup + (self.prompt.length if self.prompt is not None else 0)
 
 
 class Engine:
@@ -182,6 +201,9 @@ class Engine:
         self._ready_host, self._ready_dev = self._buffer_pair((max_sessions,), torch.bool)
         self._reset_host, self._reset_dev = self._buffer_pair((max_sessions,), torch.bool)
         self._persona_host, self._persona_dev = self._buffer_pair((max_sessions,), torch.bool)
+        self._marker_host, self._marker_dev = self._buffer_pair((max_sessions,), torch.bool)
+        self.translates = bundle.translates
+        self._silence_codes: torch.Tensor | None = None  # [user codebooks, max_delay], once made
         self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
         self._pieces = PieceTable(bundle.tokenizer, {self.cfg.text_pad_id, self.cfg.text_epad_id})
         self.weight_bytes = weight_bytes(bundle.model)  # as held: int8 linears count one byte
@@ -245,6 +267,17 @@ class Engine:
         with self._lock:
             self.slots[row] = None
 
+    def end_input(self, row: int) -> None:
+        """A translation's source speech is over: the row's next frame carries the end-of-input
+        marker, and its frames after that are silence (what they hold is ignored), until the
+        model completes the translation (`FrameOut.end`). Call once every input frame is ticked."""
+        if not self.translates:
+            raise ValueError(f"{self.bundle.name} is a dialogue model: its input has no end "
+                             "(end of input is for translation models such as Hibiki-Zero)")
+        with self._lock:
+            if self.slots[row] is not None:
+                self.slots[row].input_ended = True
+
     def _apply_resets(self) -> None:
         with self._lock:
             rows = [(r, self.slots[r]) for r in self._pending_reset if self.slots[r] is not None]
@@ -259,8 +292,11 @@ class Engine:
                 except Exception as e:  # only this conversation ends (the driver ends it)
                     log.exception("persona prompt failed in slot %d", row)
                     slot.error = f"internal error while preparing the persona: {type(e).__name__}"
-        self.mimi.reset_streaming(self._row_mask([row for row, _ in rows], self._reset_host,
-                                                 self._reset_dev))
+        reset = self._row_mask([row for row, _ in rows], self._reset_host, self._reset_dev)
+        self.mimi.reset_streaming(reset)
+        if self.translates:
+            self._warm_up_translations(rows)
+            self.mimi.reset_streaming(reset)  # the source is encoded from a fresh state
         persona_rows = [(row, slot.prompt) for row, slot in rows if slot.prompt is not None]
         if persona_rows:
             # The reference's decoder hears the last prompt frame before the conversation.
@@ -271,6 +307,24 @@ class Engine:
             self.mimi.set_exec_mask(self._row_mask([row for row, _ in persona_rows],
                                                    self._persona_host, self._persona_dev))
             self.mimi.decode(codes)
+
+    def _warm_up_translations(self, rows: list[tuple[int, Slot]]) -> None:
+        """Hibiki-Zero's first steps: `max_delay` frames of encoded silence, so that the first
+        source frame is stepped with every stream past its delay, as `generate` does."""
+        cfg = self.cfg
+        if self._silence_codes is None:  # the same for every conversation: encoded once
+            first = rows[0][0]
+            self.mimi.set_exec_mask(self._row_mask([first], self._exec_host, self._exec_dev))
+            self._pcm_in.zero_()
+            self._silence_codes = torch.stack(
+                [self.mimi.encode(self._pcm_in)[first, :cfg.num_user_codebooks, 0]
+                 for _ in range(cfg.max_delay)], dim=1)
+        exec_mask = self._row_mask([row for row, _ in rows], self._exec_host, self._exec_dev)
+        for t in range(cfg.max_delay):
+            codes = self._silence_codes[:, t].expand(self.max_sessions, -1)
+            self.lm.step(codes, exec_mask)
+        for _, slot in rows:
+            slot.warmup = cfg.max_delay
 
     def _prefill(self, row: int, prompt: Prompt) -> None:
         """Start `row` from a persona's prompt: all its positions in one causal pass through the
@@ -298,7 +352,7 @@ class Engine:
         self.lm.prepare_graph()
         idle = self._row_mask([], self._exec_host, self._exec_dev)
         self.mimi.set_exec_mask(idle)
-        codes = self.mimi.encode(self._pcm_in)[:, :, 0]
+        codes = self.mimi.encode(self._pcm_in)[:, :self.cfg.num_user_codebooks, 0]
         out = self.lm.step(codes, idle).tokens
         self.mimi.decode(out[:, 1:].clamp(min=0).unsqueeze(-1))
         if self.device.type == "cuda":
@@ -343,17 +397,24 @@ class Engine:
         # Which rows run, and which are past the model's delays (their first frame returns no
         # audio), is known here on the host: no device round trip until the results are read.
         ready_rows = [row for row in rows if slots[row].offset >= self.cfg.max_delay]
+        # Translations whose input is over hear silence; the first such frame carries the marker.
+        silent = [row for row in rows if slots[row].input_ended]
+        marked = [row for row in silent if slots[row].flushed == 0]
         exec_mask = self._row_mask(rows, self._exec_host, self._exec_dev)
         self._pcm_host.zero_()
         for row, pcm in frames.items():
-            self._pcm_host[row, 0] = torch.as_tensor(pcm, dtype=torch.float32)
+            if row not in silent:
+                self._pcm_host[row, 0] = torch.as_tensor(pcm, dtype=torch.float32)
         self._to_device(self._pcm_host, self._pcm_in)
 
         t0 = self._mark()
         self.mimi.set_exec_mask(exec_mask)
-        codes = self.mimi.encode(self._pcm_in)[:, :, 0]  # [B, 8]
+        codes = self.mimi.encode(self._pcm_in)[:, :self.cfg.num_user_codebooks, 0]  # [B, K]
+        if marked:  # the encoder still hears the frame's silence, as in `generate`
+            marker = self._row_mask(marked, self._marker_host, self._marker_dev).view(-1, 1)
+            codes = torch.where(marker, self.cfg.card, codes)
         t1 = self._mark()
-        out = self.lm.step(codes, exec_mask).tokens  # [B, 9]
+        out = self.lm.step(codes, exec_mask).tokens  # [B, 1 + dep_q]
         t2 = self._mark()
         pcm_out = None
         if ready_rows:
@@ -370,9 +431,13 @@ class Engine:
         results = {}
         for row, slot in slots.items():
             text_id = int(out[row, 0])
+            end = False
+            if row in silent:
+                slot.flushed += 1
+                end = text_id == TEXT_EOS_ID or slot.flushed > FLUSH_LIMIT_FRAMES
             results[row] = FrameOut(
                 pcm=pcm_out[row].copy() if row in ready_rows else self._silence.copy(),
-                text_id=text_id, text=slot.text.feed(text_id), step=slot.steps)
+                text_id=text_id, text=slot.text.feed(text_id), step=slot.steps, end=end)
             slot.steps += 1
         return results
 

@@ -31,6 +31,10 @@ KYUTAI_MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
 KYUTAI_TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
 
 
+# moshi's `model_type`s served: dialogue, and speech translation (Hibiki-Zero: agent/engine.py).
+MODEL_TYPES = ("moshi", "hibiki")
+
+
 class CheckpointError(Exception):
     """A checkpoint could not be found, fetched or understood. The message is for the user."""
 
@@ -98,19 +102,21 @@ def _load_tiny_random(device: torch.device, name: str = "tiny-random",
                       voice_prompt_dir=None, weights: WeightOptions = WeightOptions()) -> AgentBundle:
     from duplex_agent.checkpoints import tiny_random
     cfg = LMConfig.tiny()
-    persona = KNOWN[name].personas
+    persona, model_type = KNOWN[name].personas, KNOWN[name].model_type
     if persona:  # PersonaPlex's layout: 16 depformer steps on disk, sliced like the real one
         state, cfg = personaplex.agent_steps_only(tiny_random.build_tiny_personaplex_lm_state(), cfg)
+    elif model_type == "hibiki":
+        state, cfg = tiny_random.build_tiny_hibiki_zero_lm_state(), LMConfig.tiny_hibiki_zero()
     else:
         state = tiny_random.build_tiny_lm_state()
-    model = _build_lm(cfg, state, device, torch.float32, name, weights)
-    mimi = tiny_random.build_tiny_mimi().to(device)
+    model = _build_lm(cfg, state, device, torch.float32, name, weights, model_type)
+    mimi = tiny_random.build_tiny_mimi(n_q=max(cfg.dep_q, cfg.num_user_codebooks)).to(device)
     personas = (_personas(name, cfg, mimi, voice_prompt_dir, tiny_random.tiny_voices_dir)
                 if persona else None)
     log.warning(f"Using the built-in {name} checkpoint: random weights for smoke runs and "
                 "tests; it produces noise, not speech.")
     return AgentBundle(name, cfg, model, mimi, tiny_random.build_tiny_tokenizer(),
-                       SamplingConfig(), builtin=True, personas=personas)
+                       SamplingConfig(), builtin=True, personas=personas, model_type=model_type)
 
 
 def _load_directory(name: str, root: Path, device, dtype, voice_prompt_dir=None,
@@ -276,8 +282,9 @@ def _load_layout(name: str, get: Callable[..., Path | None], root: Path | None, 
     raw = dict(raw or {})
     weights = _lora_from_config(name, raw, get, weights)
     model_type = raw.pop("model_type", "moshi")
-    if model_type != "moshi":
-        raise CheckpointError(f"{name}: model_type {model_type!r} is not a Moshi dialogue model.")
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"{name}: model_type {model_type!r} is not served here (this "
+                              f"runtime serves {' and '.join(map(repr, MODEL_TYPES))}).")
     lm_file = get(raw.pop("moshi_name", KYUTAI_LM_NAME))
     mimi_file = get(raw.pop("mimi_name", KYUTAI_MIMI_NAME))
     tokenizer_file = get(raw.pop("tokenizer_name", KYUTAI_TOKENIZER_NAME))
@@ -303,7 +310,7 @@ def _load_layout(name: str, get: Callable[..., Path | None], root: Path | None, 
                         "If it was not trained on persona prompts, open conversations without "
                         "voice_prompt/text_prompt.", name, cfg.dep_q)
         persona = True
-    model = _build_lm(cfg, state, device, dtype, name, weights)
+    model = _build_lm(cfg, state, device, dtype, name, weights, model_type)
     from moshi.models import loaders
     mimi = loaders.get_mimi(str(mimi_file), mimi_config, device=device,
                             num_codebooks=max(cfg.dep_q, cfg.num_user_codebooks)).eval()
@@ -312,7 +319,7 @@ def _load_layout(name: str, get: Callable[..., Path | None], root: Path | None, 
                               root, get, known.voices if known else None))
                 if persona else None)
     return AgentBundle(name, cfg, model, mimi, _load_tokenizer(tokenizer_file, cfg, name),
-                       sampling, personas=personas)
+                       sampling, personas=personas, model_type=model_type)
 
 
 def _personas(name: str, cfg: LMConfig, mimi, voice_prompt_dir,
@@ -422,8 +429,13 @@ def _apply_weight_options(cfg: LMConfig, state: dict, device, dtype, name: str,
 
 
 def _build_lm(cfg: LMConfig, state: dict, device, dtype, name: str = "",
-              weights: WeightOptions = WeightOptions()) -> MoshiLM:
+              weights: WeightOptions = WeightOptions(), model_type: str = "moshi") -> MoshiLM:
     cfg, state = _apply_weight_options(cfg, state, device, dtype, name, weights)
+    if model_type == "hibiki":
+        # As moshi's loader does for Hibiki: an EOS (id 2) sampled before the end of the input
+        # is read back as PAD, so the translation goes on.
+        state = dict(state, **{"text_emb.weight": state["text_emb.weight"].clone()})
+        state["text_emb.weight"][2] = state["text_emb.weight"][3]
     with torch.device("meta"):
         model = MoshiLM(cfg)
     expected = set(model.state_dict())

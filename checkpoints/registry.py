@@ -15,6 +15,7 @@ class KnownCheckpoint:
     voices: str | None = None
     licence: str | None = None  # named in the load log
     gated: bool = False  # the Hub serves it only to accounts that accepted its licence
+    model_type: str = "moshi"  # of a built-in checkpoint (a repo's comes from its config.json)
 
 
 DEFAULT_CHECKPOINT = "kyutai/moshiko-pytorch-bf16"
@@ -51,11 +52,18 @@ KNOWN = {
                         "PersonaPlex's personas and 18 preset voices; bf16", personas=True,
                         voices="hf://nvidia/personaplex-7b-v1/voices.tgz",
                         licence="CC BY-NC 4.0 and the NVIDIA Open Model License", gated=True),
+        KnownCheckpoint("hibiki-zero", "kyutai/hibiki-zero-3b-pytorch-bf16", "kyutai",
+                        "Kyutai's Hibiki-Zero 3B: simultaneous speech translation from French, "
+                        "Spanish, Portuguese and German into English speech and text; bf16",
+                        licence="CC BY-NC-SA 4.0"),
         KnownCheckpoint("tiny-random", None, "builtin",
                         "seeded random tiny model for smoke runs and tests: it speaks noise"),
         KnownCheckpoint("tiny-random-personaplex", None, "builtin",
                         "tiny-random in PersonaPlex's layout with 18 random preset voices: "
                         "persona smoke runs and tests", personas=True),
+        KnownCheckpoint("tiny-random-hibiki-zero", None, "builtin",
+                        "tiny-random in Hibiki-Zero's layout (grouped-query attention, 16 + 16 "
+                        "codebooks): translation smoke runs and tests", model_type="hibiki"),
     ]
 }
 # Repo ids resolve to their registry entry too, so the layout is known before any download.

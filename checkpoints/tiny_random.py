@@ -305,18 +305,30 @@ def _embed_columns(state: dict[str, torch.Tensor], columns: torch.Tensor) -> tor
 # -- tiny-random-hibiki-zero -----------------------------------------------------------------------
 
 def build_tiny_hibiki_zero_lm_state(seed: int = TINY_SEED) -> dict[str, torch.Tensor]:
-    """Like `build_tiny_lm_state`, in Hibiki-Zero's layout (`LMConfig.tiny_hibiki_zero()`). moshi
-    initialises the depformer's LayerNorms to the identity; here they get random scales and
-    biases, so that a model that skipped or misapplied them would not pass for the same."""
+    """Like `build_tiny_lm_state`, in Hibiki-Zero's layout (`LMConfig.tiny_hibiki_zero()`), with
+    two changes to moshi's init:
+
+    * the depformer's LayerNorms (moshi: the identity) get random scales and biases, so that a
+      model that skipped or misapplied them would not pass for the same;
+    * like a trained translator, it ends its translation with EOS once the input has ended: the
+      end-of-input marker on the first source codebook (its embedding row `card`) points the
+      text head at EOS. That row is also the initial token, read at position 0 only, where the
+      text's initial token cancels it, so EOS never comes earlier."""
+    cfg = LMConfig.tiny_hibiki_zero()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = get_moshi_lm(None, lm_kwargs=LMConfig.tiny_hibiki_zero().to_moshi_lm_kwargs(),
-                             device="cpu", dtype=torch.float32)
+        model = get_moshi_lm(None, lm_kwargs=cfg.to_moshi_lm_kwargs(), device="cpu",
+                             dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for norm in model.depformer_norms:
             norm.weight.copy_(1 + 0.3 * torch.randn(norm.weight.shape, generator=gen))
             norm.bias.copy_(0.3 * torch.randn(norm.bias.shape, generator=gen))
+        toward_eos = torch.randn(cfg.dim, generator=gen)
+        toward_eos /= toward_eos.norm()
+        model.emb[cfg.dep_q].weight[cfg.card] += 40 * toward_eos  # the first source codebook
+        model.text_emb.weight[cfg.text_card] -= 40 * toward_eos
+        model.text_linear.weight[2] = toward_eos
     return moshi_to_disk({k: v.detach().clone() for k, v in model.state_dict().items()})
 
 

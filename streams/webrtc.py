@@ -8,7 +8,9 @@ Per connection (`PeerSession`):
 - the agent's voice goes out on `AgentVoiceTrack`: `AudioOut` frames resampled 24 -> 48 kHz into a
   small jitter buffer, read as 20 ms frames paced in real time;
 - a data channel opened by the browser (label "events") carries JSON to the page:
-  {"type": "text", "text", "start", "end"}, {"type": "stats", ...} every 0.5 s, {"type": "error", "message"}.
+  {"type": "text", "text", "start", "end"}, {"type": "stats", ...} every 0.5 s, {"type": "error", "message"},
+  and, on a translating agent (Hibiki-Zero), {"type": "end"} once the translation is complete;
+  from the page, {"type": "end_of_input"} says the speech to translate is over.
 
 Optional sampling fields in the offer: text_temperature, text_topk, audio_temperature, audio_topk,
 seed; and a persona: voice_prompt (a name from GET /api/voices) and text_prompt (the role), strings.
@@ -231,7 +233,17 @@ class PeerSession:
         if self.outbox.channel is not None:
             return
         channel.on("close", lambda: self._spawn(self.close()))
+        channel.on("message", self._on_message)
         self.outbox.attach(channel)
+
+    def _on_message(self, message) -> None:
+        """{"type": "end_of_input"} from a translating agent's page; anything else is ignored."""
+        try:
+            kind = json.loads(message).get("type") if isinstance(message, str) else None
+        except (ValueError, AttributeError):
+            return
+        if kind == "end_of_input" and self.conv.agent.translates and not self.conv.closed:
+            self.conv.end_input()
 
     def _on_track(self, track) -> None:
         if track.kind == "audio" and not self._mic_started:
@@ -260,7 +272,10 @@ class PeerSession:
             elif isinstance(event, ErrorOut):
                 self.send({"type": "error", "message": event.message})
                 await asyncio.sleep(0.5)  # closing aborts the data channel: let the message go first
-        await self.close()  # the conversation ended (engine error or shutdown)
+        if self.conv.input_ended and self.conv.error is None:  # a translation is complete
+            self.send({"type": "end"})
+            await asyncio.sleep(0.5)  # the message, and the voice's last buffered audio
+        await self.close()  # the conversation ended (engine error, translation done, shutdown)
 
     async def _send_stats(self) -> None:
         while True:
