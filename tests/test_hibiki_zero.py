@@ -234,9 +234,29 @@ def test_capacity_counts_the_halved_kv(bundle):
     assert allocated * 4 == 2 * per_slot
 
 
-async def test_live_translation_over_moshi_websocket(session, tmp_path):
-    """Speech in over /api/chat, then the control message endTurn: the translation comes back
-    as audio and text, and the server closes the socket once the model said EOS."""
+def test_kernel_self_check_runs_the_grouped_shapes(bundle):
+    """The load-time check of the decode-attention kernel runs the engine's own GQA shapes (in
+    Triton's interpreter here) and passes."""
+    import os
+
+    from duplex_agent.kernels import selfcheck
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and the Triton interpreter is not enabled")
+    engine = fresh_engine(bundle, 2)
+    [check] = selfcheck.check_kernels(engine.kernel_shapes(), torch.device("cpu"),
+                                      ("decode_attention",))
+    assert check.ok, check.problem
+    assert check.cases[0].startswith("temporal B=2 H=4 KV heads=2 C=50 D=16")
+
+
+async def test_live_translation_over_websocket_transports(session, tmp_path):
+    """Speech in, then the transport's end of input: the translation comes back, and the server
+    ends the conversation once the model said EOS. Moshi's /api/chat (the control message
+    endTurn), the Realtime API (input_audio_buffer.commit), and a WebRTC peer's data-channel
+    message (its session without the media negotiation)."""
+    import base64
+
+    import aiohttp
     from aiohttp import web
 
     from duplex_agent.agent.api import Agent
@@ -246,18 +266,49 @@ async def test_live_translation_over_moshi_websocket(session, tmp_path):
     agent = await asyncio.to_thread(Agent.load, "tiny-random-hibiki-zero", device="cpu",
                                     max_conversations=2)
     runner = web.AppRunner(create_app(agent, static_dir=tmp_path))
+    speech = source_speech(seed=12, seconds=1.2)
     try:
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
-        client = await Client.connect(session, f"http://127.0.0.1:{runner.addresses[0][1]}")
-        speech = source_speech(seed=12, seconds=1.2)
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+        client = await Client.connect(session, url)
         await client.send_audio(speech, pace=False)
         await client.ws.send_bytes(b"\x03\x01")
         await client.wait_closed(timeout=15)
         assert not client.errors and client.text
         # The source (15 frames), then the model's lag until EOS: about 2 frames more.
         assert len(speech) + FRAME_SIZE <= client.samples <= len(speech) + 6 * FRAME_SIZE
+
+        events = []
+        async with session.ws_connect(url.replace("http", "ws") + "/v1/realtime") as ws:
+            pcm16 = (np.clip(speech, -1, 1) * 32767).astype(np.int16).tobytes()
+            await ws.send_json({"type": "input_audio_buffer.append",
+                                "audio": base64.b64encode(pcm16).decode()})
+            await ws.send_json({"type": "input_audio_buffer.commit"})
+            async with asyncio.timeout(15):
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        events.append(json.loads(msg.data))
+        kinds = [e["type"] for e in events]
+        assert "input_audio_buffer.committed" in kinds and "error" not in kinds, kinds
+        assert "response.output_audio.delta" in kinds
+        assert [e["response"]["status"] for e in events if e["type"] == "response.done"][-1] == \
+            "completed"
         assert agent.active == 0
+
+        # WebRTC: the page's {"type": "end_of_input"} on the events data channel.
+        from duplex_agent.streams.webrtc import PeerSession
+        conv = agent.open()
+        peer = PeerSession(conv, lambda _: None)
+        conv.push(speech)
+        peer._on_message(json.dumps({"type": "end_of_input"}))
+        assert conv.input_ended
+        async with asyncio.timeout(15):
+            while not conv.closed:
+                await asyncio.sleep(0.05)
+        assert conv.error is None and conv.stats.frames_out >= len(speech) // FRAME_SIZE
+        await peer.close()
     finally:
         await runner.cleanup()
         agent.close()
