@@ -197,7 +197,8 @@ class Conversation:
         next_at = time.monotonic()
         while not self.closed:
             with self._lock:
-                self._frames.append((silence, time.monotonic(), ends_input))
+                if ends_input or len(self._frames) < self._max_backlog:  # an engine behind
+                    self._frames.append((silence, time.monotonic(), ends_input))  # gets no more
             ends_input = False
             self.agent._driver.wake()
             next_at += FRAME_SIZE / SAMPLE_RATE

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from duplex_agent.agent.config import FRAME_SIZE, SamplingConfig
+from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE, SamplingConfig
 from duplex_agent.agent.lm_gen import LMGen
 from duplex_agent.agent.text import PieceTable, TextDecoder
 from duplex_agent.agent.persona import DEFAULT_PROMPT_CACHE_BYTES, Prompt, PromptCache, prefill
@@ -58,8 +58,8 @@ RESERVED_BYTES = 1 << 30
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
 
 TEXT_EOS_ID = 2  # a translating model's "translation complete"
-# A translation that never says EOS after its input ended is ended after this much silence.
-FLUSH_LIMIT_FRAMES = 30 * 25 // 2  # 30 s
+# A translation that never says EOS after its input ended is ended after 30 s of silence.
+FLUSH_LIMIT_FRAMES = int(30 * FRAME_RATE)
 
 
 def kv_bytes_per_step(cfg, kv_dtype: torch.dtype) -> int:
@@ -295,7 +295,7 @@ class Engine:
         reset = self._row_mask([row for row, _ in rows], self._reset_host, self._reset_dev)
         self.mimi.reset_streaming(reset)
         if self.translates:
-            self._warm_up_translations(rows)
+            self._warm_up_translations(rows, reset)
             self.mimi.reset_streaming(reset)  # the source is encoded from a fresh state
         persona_rows = [(row, slot.prompt) for row, slot in rows if slot.prompt is not None]
         if persona_rows:
@@ -308,21 +308,20 @@ class Engine:
                                                    self._persona_host, self._persona_dev))
             self.mimi.decode(codes)
 
-    def _warm_up_translations(self, rows: list[tuple[int, Slot]]) -> None:
-        """Hibiki-Zero's first steps: `max_delay` frames of encoded silence, so that the first
-        source frame is stepped with every stream past its delay, as `generate` does."""
+    def _warm_up_translations(self, rows: list[tuple[int, Slot]], reset: torch.Tensor) -> None:
+        """Hibiki-Zero's first steps for the `rows` just reset (their device mask `reset`):
+        `max_delay` frames of encoded silence, so that the first source frame is stepped with
+        every stream past its delay, as `generate` does."""
         cfg = self.cfg
         if self._silence_codes is None:  # the same for every conversation: encoded once
-            first = rows[0][0]
-            self.mimi.set_exec_mask(self._row_mask([first], self._exec_host, self._exec_dev))
+            self.mimi.set_exec_mask(reset)  # fresh codec states, reset again afterwards
             self._pcm_in.zero_()
+            first = rows[0][0]
             self._silence_codes = torch.stack(
                 [self.mimi.encode(self._pcm_in)[first, :cfg.num_user_codebooks, 0]
                  for _ in range(cfg.max_delay)], dim=1)
-        exec_mask = self._row_mask([row for row, _ in rows], self._exec_host, self._exec_dev)
         for t in range(cfg.max_delay):
-            codes = self._silence_codes[:, t].expand(self.max_sessions, -1)
-            self.lm.step(codes, exec_mask)
+            self.lm.step(self._silence_codes[:, t].expand(self.max_sessions, -1), reset)
         for _, slot in rows:
             slot.warmup = cfg.max_delay
 
