@@ -410,7 +410,8 @@ def _apply_weight_options(cfg: LMConfig, state: dict, device, dtype, name: str,
         if cfg.quantize:
             raise CheckpointError(f"{name}: a LoRA adapter cannot be fused into int8 (q8) weights; "
                                   "use the bf16 checkpoint (with --quantize int8 if you want int8).")
-        steps = {k: cfg.dep_q for k in state if k.startswith("depformer.layers.") and ".self_attn." in k}
+        steps = {k: cfg.depformer_weight_sets for k in state
+                 if k.startswith("depformer.layers.") and ".self_attn." in k}
         scaling = lora.DEFAULT_SCALING if weights.lora_scaling is None else float(weights.lora_scaling)
         try:
             state = lora.fuse_lora(state, lora.read_adapter(weights.lora), scaling, steps,
