@@ -76,11 +76,13 @@ class LMConfig:
     @classmethod
     def hibiki_zero(cls) -> "LMConfig":
         """Kyutai's Hibiki-Zero (3B, speech translation into English): GQA with 8 KV heads,
-        16 generated + 16 source codebooks, 9 depformer weight sets for 16 steps."""
+        16 generated + 16 source codebooks, 9 depformer weight sets for 16 steps. The shape for
+        benchmarks and capacity; a checkpoint's own config.json decides what loads. Its depformer
+        FFN (moshi's default, hidden_scale x width) makes the published 3.1 B parameters."""
         return cls(dim=2048, num_heads=16, num_layers=28, hidden_scale=6.0, context=3000,
                    max_period=20_000.0, kv_repeat=2, rope_interleaved=False, text_card=48_000,
                    n_q=32, dep_q=16, delays=HIBIKI_ZERO_DELAYS, depformer_dim=1024,
-                   depformer_num_heads=16, depformer_num_layers=6, depformer_dim_feedforward=4224,
+                   depformer_num_heads=16, depformer_num_layers=6, depformer_dim_feedforward=6144,
                    depformer_weights_per_step_schedule=tuple(range(8)) + (8,) * 8,
                    depformer_norm="layer_norm")
 
@@ -203,8 +205,11 @@ class LMConfig:
             raise ValueError("config.json: a depformer_dim_feedforward per weight set is not "
                              "supported")
         names = {f.name for f in dataclasses.fields(cls)}
-        # The depformer inherits the temporal transformer's kv_repeat unless it has its own.
-        kwargs = {"depformer_kv_repeat": raw.get("depformer_kv_repeat", raw.get("kv_repeat", 1))}
+        # As moshi's LMModel: the depformer inherits the temporal transformer's kv_repeat unless
+        # it has its own, and its FFN is hidden_scale x its width unless given.
+        kwargs = {"depformer_kv_repeat": raw.get("depformer_kv_repeat", raw.get("kv_repeat", 1)),
+                  "depformer_dim_feedforward": int(raw.get("hidden_scale", cls.hidden_scale)
+                                                   * raw.get("depformer_dim", cls.depformer_dim))}
         for key, value in raw.items():
             if key == "positional_embedding":
                 kwargs["rope_interleaved"] = value == "rope"

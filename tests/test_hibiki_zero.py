@@ -118,6 +118,25 @@ def test_checkpoint_layout_and_names(bundle):
     assert builtin.translates and torch.equal(builtin.model.text_emb.weight, emb)
 
 
+def test_real_shape_has_moshis_keys_and_shapes():
+    """Hibiki-Zero's real shape on the meta device, from a config.json without
+    depformer_dim_feedforward (moshi then takes hidden_scale x the depformer's width): our
+    on-disk tensors are exactly those of moshi's LMModel, 3.13 G parameters."""
+    from moshi.models.lm import LMModel
+
+    from duplex_agent.agent.model import MoshiLM
+    from duplex_agent.checkpoints.kyutai_format import moshi_to_disk
+    raw = LMConfig.hibiki_zero().to_moshi_lm_kwargs()
+    del raw["depformer_dim_feedforward"]
+    cfg = LMConfig.from_moshi_json(raw)
+    assert cfg == LMConfig.hibiki_zero()
+    with torch.device("meta"):
+        ours = {k: tuple(v.shape) for k, v in MoshiLM(cfg).state_dict().items()}
+        ref = LMModel(device="meta", dtype=torch.bfloat16, **raw)
+    assert ours == {k: tuple(v.shape) for k, v in moshi_to_disk(ref.state_dict()).items()}
+    assert round(sum(torch.Size(s).numel() for s in ours.values()) / 1e9, 2) == 3.13
+
+
 def test_file_mode_equals_reference(bundle, checkpoint_dir):
     pcm = source_speech(seed=3, seconds=1.53)
     ref_text, ref_audio, marker = reference_translation(checkpoint_dir, pcm, gen_frames=40)
