@@ -151,6 +151,24 @@ def test_file_mode_equals_reference(bundle, checkpoint_dir):
     assert transcript.text == bundle.tokenizer.decode([i for i in ref_text if i > 3]).strip()
 
 
+def test_file_command_translates_a_recording(tmp_path):
+    """`run_agent.py file` with a translation checkpoint: the output runs to the EOS, past the
+    input's end, and the transcript is the translation's text."""
+    import soundfile
+
+    from duplex_agent.cli import main
+    pcm = source_speech(seed=5, seconds=1.0)
+    soundfile.write(tmp_path / "in.wav", pcm, SAMPLE_RATE)
+    assert main(["file", str(tmp_path / "in.wav"), str(tmp_path / "out.wav"), "--transcript",
+                 str(tmp_path / "out.json"), "--checkpoint", "tiny-random-hibiki-zero",
+                 "--greedy", "--device", "cpu"]) == 0
+    audio, rate = soundfile.read(tmp_path / "out.wav", dtype="float32")
+    # 13 source frames (the last one partial), the marker's, then the model's 2-frame lag.
+    assert rate == SAMPLE_RATE and len(audio) == (13 + 2) * FRAME_SIZE
+    transcript = json.loads((tmp_path / "out.json").read_text())
+    assert transcript["text"] and transcript["pieces"][-1]["end"] <= 15 / FRAME_RATE
+
+
 def run_translation(engine: Engine, row: int, frames: list[np.ndarray], skip=lambda: False,
                     others=lambda: None) -> list:
     """A translation of `frames` in `row`: its frames, then end of input and silence until the
