@@ -1,6 +1,7 @@
 """WebRTC transport: a browser holds a conversation with the agent over one RTCPeerConnection.
 
-    POST /offer  {"sdp": ..., "type": "offer", optional sampling fields}  ->  {"sdp": ..., "type": "answer"}
+    POST /offer  {"sdp": ..., "type": "offer", optional sampling fields}  ->
+                 {"sdp": ..., "type": "answer", "conversation", "translates"}
 
 Per connection (`PeerSession`):
 - the browser's microphone track comes in (Opus decoded by aiortc to 48 kHz s16, usually stereo);
@@ -353,7 +354,8 @@ def setup_routes(app: web.Application, agent) -> None:
             return _bad_request(f"could not negotiate the offer: {e or type(e).__name__}")
         log.info("%s: WebRTC session from %s", conv.id, request.remote)
         request["conversation"] = conv  # for the per-client limit (streams/security.py)
-        return web.json_response({"sdp": answer.sdp, "type": answer.type, "conversation": conv.id})
+        return web.json_response({"sdp": answer.sdp, "type": answer.type, "conversation": conv.id,
+                                  "translates": agent.translates})
 
     async def close_all(_app) -> None:
         await asyncio.gather(*(s.close() for s in list(sessions)))

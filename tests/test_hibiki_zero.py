@@ -286,11 +286,11 @@ def test_kernel_self_check_runs_the_grouped_shapes(bundle):
     assert check.cases[0].startswith("temporal B=2 H=4 KV heads=2 C=50 D=16")
 
 
-async def test_live_translation_over_websocket_transports(session, tmp_path):
+async def test_live_translation_over_each_transport(session, tmp_path, monkeypatch):
     """Speech in, then the transport's end of input: the translation comes back, and the server
     ends the conversation once the model said EOS. Moshi's /api/chat (the control message
-    endTurn), the Realtime API (input_audio_buffer.commit), and a WebRTC peer's data-channel
-    message (its session without the media negotiation)."""
+    endTurn), the Realtime API (input_audio_buffer.commit), and WebRTC (the events data
+    channel's end_of_input)."""
     import base64
 
     import aiohttp
@@ -300,6 +300,10 @@ async def test_live_translation_over_websocket_transports(session, tmp_path):
     from duplex_agent.streams.server import create_app
     from tests.test_server_ws import Client
 
+    import aioice.ice
+    # aioice leaves 127.0.0.1 out of its host candidates; this machine may have nothing else.
+    monkeypatch.setattr(aioice.ice, "get_host_addresses",
+                        lambda use_ipv4=True, use_ipv6=False: ["127.0.0.1"])
     agent = await asyncio.to_thread(Agent.load, "tiny-random-hibiki-zero", device="cpu",
                                     max_conversations=2)
     runner = web.AppRunner(create_app(agent, static_dir=tmp_path))
@@ -334,18 +338,31 @@ async def test_live_translation_over_websocket_transports(session, tmp_path):
             "completed"
         assert agent.active == 0
 
-        # WebRTC: the page's {"type": "end_of_input"} on the events data channel.
-        from duplex_agent.streams.webrtc import PeerSession
-        conv = agent.open()
-        peer = PeerSession(conv, lambda _: None)
-        conv.push(speech)
-        peer._on_message(json.dumps({"type": "end_of_input"}))
-        assert conv.input_ended
-        async with asyncio.timeout(15):
-            while not conv.closed:
-                await asyncio.sleep(0.05)
-        assert conv.error is None and conv.stats.frames_out >= len(speech) // FRAME_SIZE
-        await peer.close()
+        # WebRTC: a Python peer stands in for the page; {"type": "end_of_input"} on its data
+        # channel, {"type": "end"} back once the translation is complete, then the hang-up.
+        from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+        from aiortc.mediastreams import AudioStreamTrack
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTrack(AudioStreamTrack())  # silence at real-time rate
+        messages = []
+        channel = pc.createDataChannel("events")
+        channel.on("message", lambda m: messages.append(json.loads(m)["type"]))
+        await pc.setLocalDescription(await pc.createOffer())
+        async with session.post(f"{url}/offer", json={"sdp": pc.localDescription.sdp,
+                                                      "type": "offer"}) as r:
+            answer = await r.json()
+        assert answer["translates"] is True
+        await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+        try:
+            async with asyncio.timeout(15):
+                while "stats" not in messages:  # the channel is open and the call live
+                    await asyncio.sleep(0.05)
+                channel.send(json.dumps({"type": "end_of_input"}))
+                while agent.active or pc.connectionState != "closed":
+                    await asyncio.sleep(0.05)
+            assert "end" in messages and "error" not in messages, messages
+        finally:
+            await pc.close()
     finally:
         await runner.cleanup()
         agent.close()
