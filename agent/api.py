@@ -7,6 +7,9 @@
         ...                                   # UserWord as the user's words are heard
     conv.close(); agent.close()
 
+A translating agent (Hibiki-Zero) translates what is pushed; `conv.end_input()` says the speech
+is over, and the conversation ends by itself once the translation is complete.
+
 All model work runs on the engine's own thread (see `agent/driver.py`); these methods only move
 buffers and never block the asyncio event loop on the GPU.
 """
@@ -88,7 +91,10 @@ class Conversation:
         self._loop = loop
         self._lock = threading.Lock()
         self._partial = np.zeros(0, dtype=np.float32)
-        self._frames: deque[tuple[np.ndarray, float]] = deque()
+        # (frame, time it was complete, whether the input ended before it)
+        self._frames: deque[tuple[np.ndarray, float, bool]] = deque()
+        self.input_ended = False
+        self._silence_feeder: asyncio.Task | None = None
         self._max_backlog = max_backlog
         self._events: asyncio.Queue | None = asyncio.Queue(max_output) if loop else None
         self._room: asyncio.Event | None = asyncio.Event() if loop else None  # backlog shrank
@@ -108,6 +114,8 @@ class Conversation:
         if self.closed:
             raise ConversationClosed(f"conversation {self.id} is closed")
         pcm = _validate_pcm(pcm, rate)
+        if self.input_ended:  # the translation is being completed: later speech is not heard
+            return
         if rate != SAMPLE_RATE:
             pcm = self._resample(pcm, rate)
         now = time.monotonic()
@@ -115,7 +123,7 @@ class Conversation:
             buf = np.concatenate([self._partial, pcm]) if len(self._partial) else pcm
             n = len(buf) // FRAME_SIZE
             for i in range(n):
-                self._frames.append((buf[i * FRAME_SIZE:(i + 1) * FRAME_SIZE].copy(), now))
+                self._frames.append((buf[i * FRAME_SIZE:(i + 1) * FRAME_SIZE].copy(), now, False))
             self._partial = buf[n * FRAME_SIZE:].copy()
             self.stats.frames_in += n
             while len(self._frames) > self._max_backlog:
@@ -165,6 +173,38 @@ class Conversation:
             padded[:len(rest)] = rest
             self.push(padded)
 
+    def end_input(self) -> None:
+        """A translating agent's source speech is over (its `translates` is True): what was pushed
+        is translated to the end, the model is told, and the conversation then hears silence,
+        one frame every 80 ms, until the translation is complete; then it ends by itself (its
+        events end). Audio pushed after this is ignored. Call on the conversation's event loop."""
+        if self.closed:
+            raise ConversationClosed(f"conversation {self.id} is closed")
+        if not self.agent.translates:
+            raise ValueError("end_input() is for translating agents (Hibiki-Zero); a dialogue "
+                             "has no end of input")
+        assert self._loop is not None, "open() the conversation inside an event loop to end_input()"
+        if self.input_ended:
+            return
+        self.flush()
+        self.input_ended = True
+        self._silence_feeder = self._loop.create_task(self._feed_silence())
+
+    async def _feed_silence(self) -> None:
+        """The frames after the end of the input, paced in real time: the first carries the
+        end-of-input marker (the engine puts it there), all are silence to the model."""
+        silence = np.zeros(FRAME_SIZE, dtype=np.float32)
+        ends_input = True
+        next_at = time.monotonic()
+        while not self.closed:
+            with self._lock:
+                if ends_input or len(self._frames) < self._max_backlog:  # an engine behind
+                    self._frames.append((silence, time.monotonic(), ends_input))  # gets no more
+            ends_input = False
+            self.agent._driver.wake()
+            next_at += FRAME_SIZE / SAMPLE_RATE
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
     def _resample(self, pcm: np.ndarray, rate: int) -> np.ndarray:
         import soxr
         stream = self._resamplers.get(rate)
@@ -173,7 +213,7 @@ class Conversation:
                                                                   dtype="float32", quality="HQ")
         return stream.resample_chunk(pcm)
 
-    def _take_frame(self) -> tuple[np.ndarray, float] | None:
+    def _take_frame(self) -> tuple[np.ndarray, float, bool] | None:
         with self._lock:
             return self._frames.popleft() if self._frames else None
 
@@ -303,6 +343,12 @@ class Agent:
     @property
     def sampling_defaults(self) -> SamplingConfig:
         return self.engine.bundle.sampling
+
+    @property
+    def translates(self) -> bool:
+        """A speech translation model (Hibiki-Zero): conversations translate the user's speech,
+        and `Conversation.end_input()` completes a translation."""
+        return self.engine.translates
 
     def open(self, sampling: SamplingConfig | None = None, *, voice_prompt=None,
              text_prompt: str | None = None) -> Conversation:

@@ -2,18 +2,21 @@
 
 Each tick is split into Mimi encode / LM / Mimi decode, at empty context and at full context
 (every slot's ring KV cache holding `context` steps), for our engine and for the moshi library's
-`LMGen` + Mimi on identical random weights, in the same run. With `--transcriber`, our engine is
-also timed with the transcriber in its tick (rows "ours+stt", its stage "transcriber"): a
-published model's name (stt-1b-en_fr, stt-1b-en_fr-candle, stt-2.6b-en) is built with random
-weights in its shape, as the dialogue model is; tiny-random-stt or a folder is loaded. On CUDA the model is the real
-moshiko shape (random init, bf16); on CPU the tiny config. Prints a table, writes JSON (rewritten
-after every point, so a run cut short keeps what it measured) and a PNG. `--sessions max` is the
-most conversations whose KV caches fit in free memory; a point that does not fit after all is
-listed in the JSON's meta["skipped"] and the run goes on.
+`LMGen` + Mimi on identical random weights, in the same run. On CUDA the model is the real
+shape of `--model` (moshiko or hibiki-zero, random init, bf16); on CPU its tiny config. With
+`--transcriber`, our engine is also timed with the transcriber in its tick (rows "ours+stt", its
+stage "transcriber"): a published model's name (stt-1b-en_fr, stt-1b-en_fr-candle, stt-2.6b-en)
+is built with random weights in its shape, as the dialogue model is; tiny-random-stt or a folder
+is loaded. Prints a table, writes JSON (rewritten after every point, so a run cut short keeps
+what it measured) and a PNG. `--sessions max` is the most conversations whose KV caches fit in
+free memory; a point that does not fit after all is listed in the JSON's meta["skipped"] and the
+run goes on. `--capacity` instead writes the conversations that fit per device size, from the
+engine's capacity functions (no device needed).
 """
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
 import json
 import os
@@ -24,13 +27,12 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-# Bytes of bf16 weights read per step at B=1 (temporal + text head + 8 depformer slices), from
-# ../shared/reference/moshi.md section 1.7; used for the bandwidth floor.
-MOSHIKO_BYTES_PER_STEP = 7.37e9 * 2
-
-
 # --contexts: a name for each set of contexts; a comma-separated list works too.
 CONTEXT_CHOICES = {"empty": ["empty"], "full": ["full"], "both": ["empty", "full"]}
+# --model: the LM preset benchmarked on CUDA, its tiny twin on CPU, and its model_type.
+MODELS = {"moshiko": ("moshiko", "tiny-random", "moshi"),
+          "hibiki-zero": ("hibiki_zero", "tiny-random-hibiki-zero", "hibiki")}
+CAPACITY_GIB = (24, 40, 48, 80, 94, 141)  # device memory sizes of the capacity table
 
 
 def register(sub) -> None:
@@ -52,12 +54,20 @@ def register(sub) -> None:
     p.add_argument("--transcriber", metavar="NAME|PATH", default=None,
                    help="also time the tick with this transcriber: a published model's name "
                         "(random weights in its shape), tiny-random-stt or a local folder")
-    p.add_argument("--note", default=None, help="said in the JSON's meta (e.g. what else ran)")
+    p.add_argument("--model", choices=list(MODELS), default="moshiko",
+                   help="the LM shape (random weights): moshiko, or hibiki-zero (grouped-query "
+                        "attention, 16 + 16 codebooks); on CPU its tiny twin")
+    p.add_argument("--note", default=None, help="a remark on the conditions, kept in the JSON's "
+                   "meta (e.g. a CPU shared with other work)")
+    p.add_argument("--capacity", action="store_true",
+                   help="only the capacity table: conversations per device size for every model")
     p.set_defaults(func=run_bench)
 
 
 def run_bench(args) -> int:
     import torch
+    if args.capacity:
+        return run_capacity(Path(args.out))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     sessions = (args.sessions or ("1,2,4,8,16,32,64" if cuda else "1,2,4,8")).split(",")
@@ -81,7 +91,7 @@ def run_bench(args) -> int:
 
     results = bench(device, sessions, steps, reference=not args.no_reference, kv_cache=args.kv_cache,
                     contexts=contexts, max_cap=args.max_cap, on_point=save,
-                    transcriber=args.transcriber, note=args.note)
+                    transcriber=args.transcriber, note=args.note, model=args.model)
     save(results)
     print(format_table(results))
     png = plot(results, json_path.with_suffix(".png"))
@@ -91,7 +101,8 @@ def run_bench(args) -> int:
 
 def bench(device, sessions: list[int | str], steps: int, reference: bool = True,
           kv_cache: str = "auto", contexts=("empty", "full"), max_cap: int | None = None,
-          on_point=None, transcriber: str | None = None, note: str | None = None) -> dict:
+          on_point=None, transcriber: str | None = None, note: str | None = None,
+          model: str = "moshiko") -> dict:
     """Rows per (conversations, context, implementation). `sessions` may hold "max": the most
     conversations whose full KV caches fit in free memory (at most `max_cap`). A point that
     does not fit after all is listed in meta["skipped"] and the run goes on. `on_point` gets
@@ -103,7 +114,7 @@ def bench(device, sessions: list[int | str], steps: int, reference: bool = True,
                                            free_device_memory)
     kv_dtype = KV_CACHE_DTYPES[kv_cache]
     cuda = device.type == "cuda"
-    bundle_factory, cfg_name = _model_factory(device)
+    bundle_factory, cfg_name = _model_factory(device, model)
     probe = bundle_factory()
     weights = probe.model.text_linear.weight
     probe_cfg = probe.config
@@ -120,7 +131,8 @@ def bench(device, sessions: list[int | str], steps: int, reference: bool = True,
         kv_dtypes = {"ours": kv_dtype or weights.dtype, "ours+stt": kv_dtype or weights.dtype,
                      "moshi": weights.dtype}
         meta["copy_bandwidth_gbps"] = round(bandwidth / 1e9, 1)
-        meta["bandwidth_floor_ms_b1"] = round(MOSHIKO_BYTES_PER_STEP / bandwidth * 1e3, 3)
+        meta["weights_read_per_step_gb"] = round(weights_read_per_step(probe_cfg) / 1e9, 2)
+        meta["bandwidth_floor_ms_b1"] = round(weights_read_per_step(probe_cfg) / bandwidth * 1e3, 3)
     # Ours and the reference each hold a KV cache per conversation, one after the other; the
     # reference's is in the weights' dtype. Full or empty, a ring is allocated whole. Measured
     # while the probe's Mimi is alive, as one bundle's will be when each engine is made.
@@ -199,26 +211,30 @@ def session_counts(sessions: list[int | str], fit: int, max_cap: int | None = No
     return [n for n in counts if n <= fit]
 
 
-def _model_factory(device):
-    from duplex_agent.agent.config import SamplingConfig
+def _model_factory(device, model: str = "moshiko"):
+    from duplex_agent.agent.config import LMConfig, SamplingConfig
     from duplex_agent.checkpoints.bundle import AgentBundle
     from duplex_agent.checkpoints.loader import load_checkpoint
+    preset, tiny_name, model_type = MODELS[model]
     if device.type != "cuda":
-        base = load_checkpoint("tiny-random", device)
+        base = load_checkpoint(tiny_name, device)
+        codebooks = base.mimi.num_codebooks
 
         def tiny():
             from duplex_agent.checkpoints.tiny_random import build_tiny_mimi
-            return AgentBundle(**{**base.__dict__, "mimi": build_tiny_mimi()})
-        return tiny, "tiny"
+            return AgentBundle(**{**base.__dict__, "mimi": build_tiny_mimi(n_q=codebooks)})
+        return tiny, "tiny" if model == "moshiko" else f"tiny-{model}"
 
     from moshi.models import loaders
-    model = random_moshiko_lm(device)
+    lm = random_lm(device, getattr(LMConfig, preset)())
     tokenizer = load_checkpoint("tiny-random", "cpu").tokenizer  # only for printing pieces
 
     def real():
-        mimi = loaders.get_mimi(None, device=device)
-        return AgentBundle("moshiko-random", model.cfg, model, mimi, tokenizer, SamplingConfig())
-    return real, "moshiko (random init, bf16)"
+        mimi = loaders.get_mimi(None, device=device,
+                                num_codebooks=max(lm.cfg.dep_q, lm.cfg.num_user_codebooks))
+        return AgentBundle(f"{model}-random", lm.cfg, lm, mimi, tokenizer, SamplingConfig(),
+                           model_type=model_type)
+    return real, f"{model} (random init, bf16)"
 
 
 def bench_transcriber(spec: str, bundle, device):
@@ -232,19 +248,78 @@ def bench_transcriber(spec: str, bundle, device):
 
 
 def random_moshiko_lm(device):
-    """moshiko's LM shape with random bf16 weights, made on the meta device and then allocated
-    once on `device` (no 15 GB host copy)."""
+    from duplex_agent.agent.config import LMConfig
+    return random_lm(device, LMConfig.moshiko())
+
+
+def random_lm(device, cfg):
+    """An LM of shape `cfg` with random bf16 weights, made on the meta device and then allocated
+    once on `device` (no host copy of its gigabytes)."""
     import torch
 
-    from duplex_agent.agent.config import LMConfig
     from duplex_agent.agent.model import MoshiLM
     with torch.device("meta"):
-        model = MoshiLM(LMConfig.moshiko())
+        model = MoshiLM(cfg)
     model = model.to_empty(device=device).to(torch.bfloat16)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
     return model
+
+
+@functools.lru_cache(maxsize=8)
+def weights_read_per_step(cfg, itemsize: int = 2) -> int:
+    """Bytes of (bf16) weights a decode step reads at batch 1: every linear and norm (temporal
+    transformer, text head, depformer); of an embedding table only a row, not counted.
+    Moshiko: 7.37 G parameters, 14.7 GB (../shared/reference/moshi.md section 1.7)."""
+    import torch
+
+    from duplex_agent.agent.model import MoshiLM
+    with torch.device("meta"):
+        state = MoshiLM(cfg).state_dict()
+    embeddings = ("emb.", "text_emb.", "depformer_emb.", "depformer_text_emb.")
+    return sum(t.numel() for k, t in state.items() if not k.startswith(embeddings)) * itemsize
+
+
+def capacity_table() -> list[dict]:
+    """Conversations that fit per device size (bf16 weights and compute, next to Mimi), for each
+    model, KV cache in bf16 or float8: `agent/engine.py`'s capacity functions."""
+    import torch
+
+    from duplex_agent.agent.config import LMConfig
+    from duplex_agent.agent.engine import (KV_CACHE_DTYPES, bytes_per_conversation,
+                                           conversations_on_device, model_weight_bytes)
+    rows = []
+    for model, (preset, _, _) in MODELS.items():
+        cfg = getattr(LMConfig, preset)()
+        for kv_name, kv in (("bf16", None), ("fp8", KV_CACHE_DTYPES["fp8"])):
+            row = {"model": model, "kv_cache": kv_name, "kv_heads": cfg.num_kv_heads,
+                   "weight_gb": round(model_weight_bytes(cfg, torch.bfloat16) / 1e9, 2),
+                   "per_conversation_gib": round(
+                       bytes_per_conversation(cfg, torch.bfloat16, kv) / 2**30, 3)}
+            for gib in CAPACITY_GIB:
+                row[f"fit_{gib}gib"] = conversations_on_device(cfg, torch.bfloat16, gib * 2**30, kv)
+            rows.append(row)
+    return rows
+
+
+def run_capacity(out: Path) -> int:
+    rows = capacity_table()
+    header = (f"{'model':<12} {'KV':<5} {'weights GB':>10} {'GiB/conv':>9} "
+              + " ".join(f"{f'{g} GiB':>7}" for g in CAPACITY_GIB))
+    print("conversations per device (bf16 weights and compute, Mimi beside them, a 3000-step "
+          "KV cache each):")
+    print("\n".join([header] + [
+        f"{r['model']:<12} {r['kv_cache']:<5} {r['weight_gb']:>10.1f} {r['per_conversation_gib']:>9.3f} "
+        + " ".join(f"{r[f'fit_{g}gib']:>7}" for g in CAPACITY_GIB) for r in rows]))
+    out.mkdir(parents=True, exist_ok=True)
+    today = datetime.date.today()
+    path = out / f"capacity-{today.strftime('%Y%m%d')}.json"
+    meta = {"date": today.isoformat(), "device_gib": list(CAPACITY_GIB),
+            "source": "agent/engine.py conversations_on_device: computed, no device involved"}
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
 
 
 def _fill_context(engine, bundle) -> None:
@@ -393,7 +468,7 @@ def lm_floor_ms(cfg, sessions: int, full_context: bool, kv_dtype, bandwidth: flo
     from duplex_agent.agent.engine import kv_bytes_per_step
     window = cfg.context if full_context else 0
     kv = sessions * window * kv_bytes_per_step(cfg, kv_dtype)
-    return (MOSHIKO_BYTES_PER_STEP + kv) / bandwidth * 1e3
+    return (weights_read_per_step(cfg) + kv) / bandwidth * 1e3
 
 
 def _copy_bandwidth(device) -> float:
@@ -427,7 +502,7 @@ def format_table(results: dict) -> str:
                      f"{r['tick_p99_ms']:>9.2f} {r['encode_p50_ms']:>8.2f} {r['lm_p50_ms']:>8.2f} "
                      f"{stt} {r['decode_p50_ms']:>8.2f} {floor}")
     if m.get("copy_bandwidth_gbps"):
-        lines.append(f"lm floor: weights ({MOSHIKO_BYTES_PER_STEP / 1e9:.2f} GB) + each conversation's "
+        lines.append(f"lm floor: weights ({m['weights_read_per_step_gb']:.2f} GB) + each conversation's "
                      f"KV window, at the measured copy bandwidth {m['copy_bandwidth_gbps']:.0f} GB/s; "
                      f"weights only: {m['bandwidth_floor_ms_b1']:.2f} ms")
     return "\n".join(lines)

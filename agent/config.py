@@ -8,6 +8,9 @@ from dataclasses import dataclass
 TEXT_PAD_ID = 3  # "no word right now"
 TEXT_EPAD_ID = 0  # last pad before a word
 DEFAULT_DELAYS = (0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1)
+# Hibiki-Zero: text, then 16 generated and 16 source codebooks, each semantic codebook undelayed
+# and the 15 acoustic ones 2 frames late.
+HIBIKI_ZERO_DELAYS = (0,) + ((0,) + (2,) * 15) * 2
 
 SAMPLE_RATE = 24_000
 FRAME_RATE = 12.5
@@ -24,6 +27,12 @@ class LMConfig:
     context: int = 3000
     max_period: float = 10_000.0
     norm_eps: float = 1e-8
+    # Grouped-query attention: num_heads // kv_repeat key/value heads, each shared by kv_repeat
+    # query heads (moshi's `kv_repeat`); the KV cache holds only those.
+    kv_repeat: int = 1
+    # RoPE pairs: (2i, 2i+1) as moshi's "rope" (Moshi 7B), or (i, i + head_dim/2) as its
+    # "rope_concat" (Hibiki-Zero).
+    rope_interleaved: bool = True
     # vocabularies
     text_card: int = 32_000
     card: int = 2048
@@ -37,6 +46,13 @@ class LMConfig:
     depformer_num_heads: int = 16
     depformer_num_layers: int = 6
     depformer_dim_feedforward: int = 4224
+    depformer_kv_repeat: int = 1
+    # Weight set of each depformer step (moshi's `depformer_weights_per_step_schedule`): steps
+    # that share a set share its input projection, attention and FFN weights. None: one per step.
+    depformer_weights_per_step_schedule: tuple[int, ...] | None = None
+    # A LayerNorm per generated codebook before its output head (moshi's `depformer_norm`
+    # "layer_norm"); None: none.
+    depformer_norm: str | None = None
     # extra heads on the temporal transformer's output (Kyutai STT's pause prediction): each a
     # bias-free Linear(dim, extra_heads_dim), softmaxed
     extra_heads_num_heads: int = 0
@@ -61,10 +77,52 @@ class LMConfig:
                    depformer_dim=64, depformer_num_heads=4, depformer_num_layers=2,
                    depformer_dim_feedforward=128)
 
+    @classmethod
+    def hibiki_zero(cls) -> "LMConfig":
+        """Kyutai's Hibiki-Zero (3B, speech translation into English): GQA with 8 KV heads,
+        16 generated + 16 source codebooks, 9 depformer weight sets for 16 steps. The shape for
+        benchmarks and capacity; a checkpoint's own config.json decides what loads. Its depformer
+        FFN (moshi's default, hidden_scale x width) makes the published 3.1 B parameters."""
+        return cls(dim=2048, num_heads=16, num_layers=28, hidden_scale=6.0, context=3000,
+                   max_period=20_000.0, kv_repeat=2, rope_interleaved=False, text_card=48_000,
+                   n_q=32, dep_q=16, delays=HIBIKI_ZERO_DELAYS, depformer_dim=1024,
+                   depformer_num_heads=16, depformer_num_layers=6, depformer_dim_feedforward=6144,
+                   depformer_weights_per_step_schedule=tuple(range(8)) + (8,) * 8,
+                   depformer_norm="layer_norm")
+
+    @classmethod
+    def tiny_hibiki_zero(cls) -> "LMConfig":
+        """`tiny` in Hibiki-Zero's layout: 2 KV heads for 4 query heads, 16 + 16 codebooks with
+        delays up to 2, half-split RoPE, 4 weight sets for 16 depformer steps, LayerNorms."""
+        return cls(dim=64, num_heads=4, num_layers=2, hidden_scale=6.0, context=50,
+                   max_period=20_000.0, kv_repeat=2, rope_interleaved=False, text_card=256,
+                   card=128, n_q=32, dep_q=16, delays=HIBIKI_ZERO_DELAYS, depformer_dim=64,
+                   depformer_num_heads=4, depformer_num_layers=2, depformer_dim_feedforward=128,
+                   depformer_weights_per_step_schedule=(0, 1, 2) + (3,) * 13,
+                   depformer_norm="layer_norm")
+
     # -- derived ---------------------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads // self.kv_repeat
+
+    @property
+    def depformer_num_kv_heads(self) -> int:
+        return self.depformer_num_heads // self.depformer_kv_repeat
+
+    @property
+    def depformer_weight_sets(self) -> int:
+        """Weight sets the depformer stores: one per step, or as many as its schedule names."""
+        schedule = self.depformer_weights_per_step_schedule
+        return self.dep_q if schedule is None else max(schedule) + 1
+
+    def depformer_weight_set(self, step: int) -> int:
+        schedule = self.depformer_weights_per_step_schedule
+        return step if schedule is None else schedule[step]
 
     @property
     def ffn_hidden(self) -> int:
@@ -109,49 +167,83 @@ class LMConfig:
             depformer_multi_linear=True, depformer_context=self.dep_q,
             depformer_max_period=self.max_period, depformer_gating="silu",
             depformer_pos_emb="none", depformer_weights_per_step=True, delays=list(self.delays),
-        ) | ({"quantize": True} if self.quantize else {}) | (
-            {"extra_heads_num_heads": self.extra_heads_num_heads,
-             "extra_heads_dim": self.extra_heads_dim} if self.extra_heads_num_heads else {})
+        ) | ({"quantize": True} if self.quantize else {}) | self._variant_kwargs()
+
+    def _variant_kwargs(self) -> dict:
+        """The moshi kwargs of what differs from Moshi 7B's architecture (none for moshiko, so
+        that its kwargs stay exactly moshi's defaults)."""
+        out: dict = {}
+        if self.kv_repeat != 1 or self.depformer_kv_repeat != 1:
+            out |= {"kv_repeat": self.kv_repeat, "depformer_kv_repeat": self.depformer_kv_repeat}
+        if not self.rope_interleaved:
+            out["positional_embedding"] = "rope_concat"
+        if self.depformer_weights_per_step_schedule is not None:
+            out["depformer_weights_per_step_schedule"] = list(
+                self.depformer_weights_per_step_schedule)
+        if self.depformer_norm is not None:
+            out["depformer_norm"] = self.depformer_norm
+        if self.extra_heads_num_heads:
+            out |= {"extra_heads_num_heads": self.extra_heads_num_heads,
+                    "extra_heads_dim": self.extra_heads_dim}
+        return out
 
     @classmethod
     def from_moshi_json(cls, raw: dict) -> "LMConfig":
         """Build from a moshi-style `config.json` (LM kwargs at top level, as the moshi library
         reads them). Missing keys keep the moshiko defaults; unsupported variants are refused."""
         unsupported = {
-            "gating": "silu", "norm": "rms_norm_f32", "positional_embedding": "rope",
-            "depformer_pos_emb": "none", "depformer_multi_linear": True,
-            "depformer_weights_per_step": True, "depformer_gating": "silu",
+            "gating": ("silu",), "norm": ("rms_norm_f32",),
+            "positional_embedding": ("rope", "rope_concat"),
+            "depformer_pos_emb": ("none",), "depformer_multi_linear": (True,),
+            "depformer_weights_per_step": (True,), "depformer_gating": ("silu",),
+            "depformer_norm": (None, "layer_norm"),
         }
-        for key, expected in unsupported.items():
-            if key in raw and raw[key] != expected:
+        for key, supported in unsupported.items():
+            if key in raw and raw[key] not in supported:
                 raise ValueError(f"config.json: {key}={raw[key]!r} is not supported "
-                                 f"(this runtime implements {key}={expected!r})")
-        for key in ("layer_scale", "depformer_layer_scale", "depformer_weights_per_step_schedule",
-                    "conditioners", "fuser", "cross_attention"):
+                                 f"(this runtime implements {' or '.join(map(repr, supported))})")
+        if raw.get("conditioners") or raw.get("fuser"):
+            raise ValueError("config.json: conditioners (the original Hibiki's description "
+                             "conditioning and classifier-free guidance) are not supported")
+        for key in ("layer_scale", "depformer_layer_scale", "cross_attention"):
             if raw.get(key):
                 raise ValueError(f"config.json: {key}={raw[key]!r} is not supported")
-        if raw.get("kv_repeat", 1) != 1:
-            raise ValueError("config.json: kv_repeat != 1 (grouped-query attention) is not supported")
+        if isinstance(raw.get("depformer_dim_feedforward"), list):
+            raise ValueError("config.json: a depformer_dim_feedforward per weight set is not "
+                             "supported")
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
+        # As moshi's LMModel: the depformer inherits the temporal transformer's kv_repeat unless
+        # it has its own, and its FFN is hidden_scale x its width unless given.
+        kwargs = {"depformer_kv_repeat": raw.get("depformer_kv_repeat", raw.get("kv_repeat", 1)),
+                  "depformer_dim_feedforward": int(raw.get("hidden_scale", cls.hidden_scale)
+                                                   * raw.get("depformer_dim", cls.depformer_dim))}
         for key, value in raw.items():
-            if key == "existing_text_padding_id":
+            if key == "positional_embedding":
+                kwargs["rope_interleaved"] = value == "rope"
+            elif key == "depformer_weights_per_step_schedule":
+                kwargs[key] = tuple(value) if value else None
+            elif key == "existing_text_padding_id":
                 kwargs["text_pad_id"] = value
             elif key == "existing_text_end_padding_id":
                 kwargs["text_epad_id"] = value
             elif key == "delays":
                 kwargs["delays"] = tuple(value)
-            elif key == "depformer_max_period" and value != raw.get("max_period", cls.max_period):
-                raise ValueError("config.json: depformer_max_period differs from max_period")
             elif key == "depformer_dim_feedforward" and value is None:
-                # moshi's default: hidden_scale x depformer_dim
-                kwargs[key] = int(raw.get("hidden_scale", cls.hidden_scale)
-                                  * raw.get("depformer_dim", cls.depformer_dim))
+                pass  # moshi's default, set above: hidden_scale x depformer_dim
             elif key in names:
                 kwargs[key] = value
         cfg = cls(**kwargs)
         if len(cfg.delays) != cfg.num_codebooks:
             raise ValueError(f"config.json: {len(cfg.delays)} delays for {cfg.num_codebooks} streams")
+        for heads, repeat, what in ((cfg.num_heads, cfg.kv_repeat, "kv_repeat"),
+                                    (cfg.depformer_num_heads, cfg.depformer_kv_repeat,
+                                     "depformer_kv_repeat")):
+            if repeat < 1 or heads % repeat:
+                raise ValueError(f"config.json: {what}={repeat} does not divide {heads} heads")
+        schedule = cfg.depformer_weights_per_step_schedule
+        if schedule is not None and (len(schedule) != cfg.dep_q or min(schedule) < 0):
+            raise ValueError(f"config.json: depformer_weights_per_step_schedule has "
+                             f"{len(schedule)} entries for {cfg.dep_q} depformer steps")
         return cfg
 
 
@@ -162,7 +254,8 @@ def gating_hidden(dim: int, dim_feedforward: int) -> int:
     return (2 * dim_feedforward) // 3
 
 
-PRESETS = {"moshiko": LMConfig.moshiko, "moshika": LMConfig.moshika, "tiny": LMConfig.tiny}
+PRESETS = {"moshiko": LMConfig.moshiko, "moshika": LMConfig.moshika, "tiny": LMConfig.tiny,
+           "hibiki-zero": LMConfig.hibiki_zero, "tiny-hibiki-zero": LMConfig.tiny_hibiki_zero}
 
 
 @dataclass(frozen=True)

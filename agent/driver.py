@@ -76,8 +76,11 @@ class EngineDriver(threading.Thread):
         for conv in conversations:
             item = conv._take_frame()
             if item is not None:
-                frames[conv.slot] = item[0]
-                taken[conv.slot] = (conv, item[1])
+                pcm, t_in, ends_input = item
+                if ends_input:  # every earlier frame of this conversation has been ticked
+                    self.engine.end_input(conv.slot)
+                frames[conv.slot] = pcm
+                taken[conv.slot] = (conv, t_in)
         if not frames:
             return False
         t0 = time.perf_counter()
@@ -97,6 +100,9 @@ class EngineDriver(threading.Thread):
         latencies = []
         for row, out in results.items():
             conv, t_in = taken[row]
+            if out.end:  # a translation is complete: its conversation ends here
+                conv.end(None)
+                continue
             conv.stats.frames_out += 1
             latencies.append((done - t_in) * 1000)
             conv.stats.frame_latency_ms.append(latencies[-1])

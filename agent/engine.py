@@ -4,6 +4,13 @@ One tick = batched Mimi encode of the slots that have an input frame -> one batc
 batched Mimi decode. A slot without an input frame this tick does not execute: its codec, KV cache,
 token ring and random stream are left exactly as they were. Slots are opened and closed between
 ticks without touching the others.
+
+A translating checkpoint (Hibiki-Zero, `model_type` "hibiki") runs each conversation as its
+inference does (kyutai-labs/hibiki-zero `generate`): the model first steps over `max_delay` frames
+of encoded silence; the user's frames are the source speech; after `end_input`, the next frame
+carries the end-of-input marker (the codebook size on every source codebook) and the following
+ones silence, until the model says EOS (text id 2), which ends the translation. An EOS sampled
+before the end of the input is ignored (the loader makes the model read it back as PAD).
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from duplex_agent.agent.config import FRAME_SIZE, SamplingConfig
+from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE, SamplingConfig
 from duplex_agent.agent.lm_gen import LMGen
 from duplex_agent.agent.text import PieceTable, TextDecoder
 from duplex_agent.agent.persona import DEFAULT_PROMPT_CACHE_BYTES, Prompt, PromptCache, prefill
@@ -52,10 +59,15 @@ RESERVED_BYTES = 1 << 30
 # `--kv-cache` choices: the weights' dtype, or float8 (half the memory of bf16, twice the slots).
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
 
+TEXT_EOS_ID = 2  # a translating model's "translation complete"
+# A translation that never says EOS after its input ended is ended after 30 s of silence.
+FLUSH_LIMIT_FRAMES = int(30 * FRAME_RATE)
+
 
 def kv_bytes_per_step(cfg, kv_dtype: torch.dtype) -> int:
-    """Temporal KV cache bytes of one step of one conversation (512 KiB for moshiko in bf16)."""
-    return 2 * cfg.num_layers * cfg.dim * kv_dtype.itemsize
+    """Temporal KV cache bytes of one step of one conversation: keys and values of the KV heads
+    only (512 KiB for moshiko in bf16; Hibiki-Zero's 8 of 16 heads over 28 layers: 112 KiB)."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_dtype.itemsize
 
 
 def bytes_per_conversation(cfg, dtype: torch.dtype, kv_dtype: torch.dtype | None = None,
@@ -65,7 +77,8 @@ def bytes_per_conversation(cfg, dtype: torch.dtype, kv_dtype: torch.dtype | None
     `transcriber` (its LMConfig) also its KV cache, always in the weights' dtype (stt-1b-en_fr:
     16 layers x 2 x 2048 x 750 steps, 98 MB in bf16)."""
     temporal = kv_bytes_per_step(cfg, kv_dtype or dtype) * cfg.context
-    depth = 2 * cfg.depformer_num_layers * cfg.depformer_dim * cfg.dep_q * dtype.itemsize
+    depformer_kv_dim = cfg.depformer_dim // cfg.depformer_num_heads * cfg.depformer_num_kv_heads
+    depth = 2 * cfg.depformer_num_layers * depformer_kv_dim * cfg.dep_q * dtype.itemsize
     listener = 0 if transcriber is None else kv_bytes_per_step(transcriber, dtype) * transcriber.context
     return temporal + depth + listener + PER_SLOT_OVERHEAD_BYTES
 
@@ -146,6 +159,9 @@ class FrameOut:
     step: int  # index of this conversation's frame (0-based)
     words: list[Word] = dataclasses.field(default_factory=list)  # the user's, completed this tick
     pause: float | None = None  # the transcriber's P(no user voice in the next 2 s), with pause heads
+    # A translation is complete: the model said EOS after the end of the input (or stayed silent
+    # for FLUSH_LIMIT_FRAMES). This frame's audio and text are not part of it.
+    end: bool = False
 
 
 @dataclass
@@ -156,11 +172,14 @@ class Slot:
     error: str | None = None  # why this conversation cannot go on (its prompt failed); not ticked
     text: TextDecoder | None = None  # this conversation's text ids -> whole UTF-8 characters
     words: WordTracker | None = None  # the transcriber's text ids -> the user's words
+    warmup: int = 0  # LM steps taken at reset (a translation's encoded silence)
+    input_ended: bool = False  # translation: the source speech is over
+    flushed: int = 0  # translation: frames stepped since the end-of-input marker
 
     @property
     def offset(self) -> int:
         """The LM position of this conversation's next frame."""
-        return self.steps + (self.prompt.length if self.prompt is not None else 0)
+        return self.steps + self.warmup + (self.prompt.length if self.prompt is not None else 0)
 
 
 class Engine:
@@ -208,6 +227,9 @@ class Engine:
         self._reset_host, self._reset_dev = self._buffer_pair((max_sessions,), torch.bool)
         self._persona_host, self._persona_dev = self._buffer_pair((max_sessions,), torch.bool)
         self._listen_host, self._listen_dev = self._buffer_pair((max_sessions,), torch.bool)
+        self._marker_host, self._marker_dev = self._buffer_pair((max_sessions,), torch.bool)
+        self.translates = bundle.translates
+        self._silence_codes: torch.Tensor | None = None  # [user codebooks, max_delay], once made
         self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
         self._pieces = PieceTable(bundle.tokenizer, {self.cfg.text_pad_id, self.cfg.text_epad_id})
         self.weight_bytes = weight_bytes(bundle.model)  # as held: int8 linears count one byte
@@ -281,6 +303,17 @@ class Engine:
         with self._lock:
             self.slots[row] = None
 
+    def end_input(self, row: int) -> None:
+        """A translation's source speech is over: the row's next frame carries the end-of-input
+        marker, and its frames after that are silence (what they hold is ignored), until the
+        model completes the translation (`FrameOut.end`). Call once every input frame is ticked."""
+        if not self.translates:
+            raise ValueError(f"{self.bundle.name} is a dialogue model: its input has no end "
+                             "(end of input is for translation models such as Hibiki-Zero)")
+        with self._lock:
+            if self.slots[row] is not None:
+                self.slots[row].input_ended = True
+
     def _apply_resets(self) -> None:
         with self._lock:
             rows = [(r, self.slots[r]) for r in self._pending_reset if self.slots[r] is not None]
@@ -297,6 +330,9 @@ class Engine:
                     slot.error = f"internal error while preparing the persona: {type(e).__name__}"
         reset = self._row_mask([row for row, _ in rows], self._reset_host, self._reset_dev)
         self.mimi.reset_streaming(reset)
+        if self.translates:
+            self._warm_up_translations(rows, reset)
+            self.mimi.reset_streaming(reset)  # the source is encoded from a fresh state
         if self.transcriber is not None:
             try:
                 self.transcriber.reset([row for row, _ in rows], reset,
@@ -315,6 +351,23 @@ class Engine:
             self.mimi.set_exec_mask(self._row_mask([row for row, _ in persona_rows],
                                                    self._persona_host, self._persona_dev))
             self.mimi.decode(codes)
+
+    def _warm_up_translations(self, rows: list[tuple[int, Slot]], reset: torch.Tensor) -> None:
+        """Hibiki-Zero's first steps for the `rows` just reset (their device mask `reset`):
+        `max_delay` frames of encoded silence, so that the first source frame is stepped with
+        every stream past its delay, as `generate` does."""
+        cfg = self.cfg
+        if self._silence_codes is None:  # the same for every conversation: encoded once
+            self.mimi.set_exec_mask(reset)  # fresh codec states, reset again afterwards
+            self._pcm_in.zero_()
+            first = rows[0][0]
+            self._silence_codes = torch.stack(
+                [self.mimi.encode(self._pcm_in)[first, :cfg.num_user_codebooks, 0]
+                 for _ in range(cfg.max_delay)], dim=1)
+        for t in range(cfg.max_delay):
+            self.lm.step(self._silence_codes[:, t].expand(self.max_sessions, -1), reset)
+        for _, slot in rows:
+            slot.warmup = cfg.max_delay
 
     def _prefill(self, row: int, prompt: Prompt) -> None:
         """Start `row` from a persona's prompt: all its positions in one causal pass through the
@@ -394,17 +447,25 @@ class Engine:
         # Which rows run, and which are past the model's delays (their first frame returns no
         # audio), is known here on the host: no device round trip until the results are read.
         ready_rows = [row for row in rows if slots[row].offset >= self.cfg.max_delay]
+        # Translations whose input is over hear silence; the first such frame carries the marker.
+        silent = [row for row in rows if slots[row].input_ended]
+        marked = [row for row in silent if slots[row].flushed == 0]
         exec_mask = self._row_mask(rows, self._exec_host, self._exec_dev)
         self._pcm_host.zero_()
         for row, pcm in frames.items():
-            self._pcm_host[row, 0] = torch.as_tensor(pcm, dtype=torch.float32)
+            if row not in silent:
+                self._pcm_host[row, 0] = torch.as_tensor(pcm, dtype=torch.float32)
         self._to_device(self._pcm_host, self._pcm_in)
 
         t0 = self._mark()
         self.mimi.set_exec_mask(exec_mask)
-        codes = self.mimi.encode(self._pcm_in)[:, :, 0]  # [B, 8] ([B, 32] when shared)
+        codes = self.mimi.encode(self._pcm_in)[:, :, 0]  # [B, K] ([B, 32] when shared)
+        user = codes[:, :self.cfg.num_user_codebooks]
+        if marked:  # the encoder still hears the frame's silence, as in `generate`
+            marker = self._row_mask(marked, self._marker_host, self._marker_dev).view(-1, 1)
+            user = torch.where(marker, self.cfg.card, user)
         t1 = self._mark()
-        out = self.lm.step(codes[:, :self.cfg.num_user_codebooks], exec_mask).tokens  # [B, 9]
+        out = self.lm.step(user, exec_mask).tokens  # [B, 1 + dep_q]
         t2 = self._mark()
         heard = pause = None
         if self.transcriber is not None:
@@ -432,9 +493,13 @@ class Engine:
         results = {}
         for row, slot in slots.items():
             text_id = int(out[row, 0])
+            end = False
+            if row in silent:
+                slot.flushed += 1
+                end = text_id == TEXT_EOS_ID or slot.flushed > FLUSH_LIMIT_FRAMES
             results[row] = FrameOut(
                 pcm=pcm_out[row].copy() if row in ready_rows else self._silence.copy(),
-                text_id=text_id, text=slot.text.feed(text_id), step=slot.steps)
+                text_id=text_id, text=slot.text.feed(text_id), step=slot.steps, end=end)
             if heard is not None:
                 results[row].words = slot.words.feed(self.transcriber.prefix_frames + slot.steps,
                                                      int(heard[row]))
@@ -508,4 +573,6 @@ def _kernel_shapes(gen: LMGen, batch: int):
         ffn_hidden=cfg.ffn_hidden, dep_dim=cfg.depformer_dim if cfg.dep_q else 0,
         dep_heads=cfg.depformer_num_heads if cfg.dep_q else 0, dep_context=cfg.dep_q,
         dep_ffn_hidden=cfg.depformer_ffn_hidden if cfg.dep_q else 0,
-        vocabularies=(cfg.text_card, cfg.card), int8=cfg.quantize)
+        vocabularies=(cfg.text_card, cfg.card), int8=cfg.quantize, kv_heads=cfg.num_kv_heads,
+        dep_kv_heads=cfg.depformer_num_kv_heads if cfg.dep_q else 0,
+        rope_interleaved=cfg.rope_interleaved)

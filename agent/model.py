@@ -84,36 +84,53 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with fused [q; k; v] projection; `steps` > 1 stacks one weight set
-    per depformer step along dim 0, exactly as on disk."""
+    """Self-attention with fused [q; k; v] projection; `steps` > 1 stacks one weight set per
+    depformer step along dim 0, exactly as on disk. With `kv_heads` < `heads` (grouped-query
+    attention) k and v have kv_heads heads each, shared by heads / kv_heads query heads, and
+    only those are cached. `interleaved`: the RoPE pairs (see kernels/attention_ref.py)."""
 
-    def __init__(self, dim: int, heads: int, steps: int = 1, quantize: bool = False):
+    def __init__(self, dim: int, heads: int, kv_heads: int | None = None, steps: int = 1,
+                 quantize: bool = False, interleaved: bool = True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.kv_heads = heads, kv_heads or heads
+        self.kv_dim = dim // heads * self.kv_heads
+        self.interleaved = interleaved
+        rows = steps * (dim + 2 * self.kv_dim)
         if quantize:  # q8: the fused weight and its per-row scales (`in_proj_weight_scb` on disk)
-            self.register_buffer("in_proj_weight", torch.empty(steps * 3 * dim, dim, dtype=torch.int8))
-            self.register_buffer("in_proj_weight_scb", torch.empty(steps * 3 * dim))
+            self.register_buffer("in_proj_weight", torch.empty(rows, dim, dtype=torch.int8))
+            self.register_buffer("in_proj_weight_scb", torch.empty(rows))
         else:
-            self.in_proj_weight = nn.Parameter(torch.empty(steps * 3 * dim, dim))
+            self.in_proj_weight = nn.Parameter(torch.empty(rows, dim))
             self.register_buffer("in_proj_weight_scb", None)
         self.out_proj = linear(dim, steps * dim, quantize)
+
+    def _qkv(self, x: torch.Tensor, step: int):
+        """q [N, heads, head_dim], k and v [N, kv_heads, head_dim] of weight set `step`."""
+        N, d = x.shape
+        rows = d + 2 * self.kv_dim
+        qkv = project(x, self.in_proj_weight, self.in_proj_weight_scb,
+                      slice(step * rows, (step + 1) * rows))
+        head_dim = d // self.heads
+        q = qkv[:, :d].view(N, self.heads, head_dim)
+        k = qkv[:, d:d + self.kv_dim].view(N, self.kv_heads, head_dim)
+        v = qkv[:, d + self.kv_dim:].view(N, self.kv_heads, head_dim)
+        return q, k, v
 
     def forward(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor,
                 exec_mask: torch.Tensor, max_period: float | None, step: int = 0) -> torch.Tensor:
         B, d = x.shape
-        qkv = project(x, self.in_proj_weight, self.in_proj_weight_scb,
-                      slice(step * 3 * d, (step + 1) * 3 * d))
-        q, k, v = qkv.view(B, 3, self.heads, d // self.heads).unbind(1)
-        out = decode_attention(q, k, v, cache.k, cache.v, positions, exec_mask, max_period)
+        q, k, v = self._qkv(x, step)
+        out = decode_attention(q, k, v, cache.k, cache.v, positions, exec_mask, max_period,
+                               self.interleaved)
         return project(out.reshape(B, d), self.out_proj.weight,
                        getattr(self.out_proj, "weight_scb", None), slice(step * d, (step + 1) * d))
 
     def prefill(self, x: torch.Tensor, cache: KVCache, row: int, max_period: float) -> torch.Tensor:
         """Positions 0..T-1 of `row` at once (x [T, dim]): their K/V go into the row's ring."""
         T, d = x.shape
-        qkv = project(x, self.in_proj_weight, self.in_proj_weight_scb, slice(0, 3 * d))
-        q, k, v = qkv.view(T, 3, self.heads, d // self.heads).unbind(1)
-        out = prefill_attention_ref(q, k, v, cache.k[row], cache.v[row], max_period)
+        q, k, v = self._qkv(x, 0)
+        out = prefill_attention_ref(q, k, v, cache.k[row], cache.v[row], max_period,
+                                    self.interleaved)
         return project(out.reshape(T, d), self.out_proj.weight,
                        getattr(self.out_proj, "weight_scb", None), slice(0, d))
 
@@ -122,7 +139,8 @@ class TemporalLayer(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg.dim, cfg.num_heads, quantize=cfg.quantize)
+        self.self_attn = Attention(cfg.dim, cfg.num_heads, cfg.num_kv_heads, quantize=cfg.quantize,
+                                   interleaved=cfg.rope_interleaved)
         self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
         self.gating = GatedFFN(cfg.dim, cfg.ffn_hidden, cfg.quantize)
 
@@ -143,24 +161,26 @@ class TemporalLayer(nn.Module):
 
 
 class DepformerLayer(nn.Module):
-    """Depth-transformer layer: norms shared, attention and FFN weights chosen per step."""
+    """Depth-transformer layer: norms shared, attention and FFN weights chosen per step (steps
+    may share a weight set: `LMConfig.depformer_weights_per_step_schedule`)."""
 
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.norm1 = RMSNorm(cfg.depformer_dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg.depformer_dim, cfg.depformer_num_heads, steps=cfg.dep_q,
+        self.self_attn = Attention(cfg.depformer_dim, cfg.depformer_num_heads,
+                                   cfg.depformer_num_kv_heads, steps=cfg.depformer_weight_sets,
                                    quantize=cfg.quantize)
         self.norm2 = RMSNorm(cfg.depformer_dim, cfg.norm_eps)
         self.gating = nn.ModuleList(GatedFFN(cfg.depformer_dim, cfg.depformer_ffn_hidden,
-                                             cfg.quantize) for _ in range(cfg.dep_q))
+                                             cfg.quantize) for _ in range(cfg.depformer_weight_sets))
 
-    def forward(self, x, pending, cache, positions, exec_mask, step: int):
-        """Input x + pending, output (x, pending), as in TemporalLayer. No positional embedding:
-        order comes from causality and the per-step weights."""
+    def forward(self, x, pending, cache, positions, exec_mask, weights: int):
+        """Input x + pending, output (x, pending), as in TemporalLayer, with weight set
+        `weights`. No positional embedding: order comes from causality and the per-step weights."""
         x, h = self.norm1(x, add=pending)
-        attn = self.self_attn(h, cache, positions, exec_mask, None, step)
+        attn = self.self_attn(h, cache, positions, exec_mask, None, weights)
         x, h = self.norm2(x, add=attn)
-        return x, self.gating[step](h)
+        return x, self.gating[weights](h)
 
 
 class Transformer(nn.Module):
@@ -179,13 +199,17 @@ class MoshiLM(nn.Module):
         self.out_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.text_linear = linear(cfg.dim, cfg.text_card, cfg.quantize)
         self.depformer_in = nn.ModuleList(linear(cfg.dim, cfg.depformer_dim, cfg.quantize)
-                                          for _ in range(cfg.dep_q))
+                                          for _ in range(cfg.depformer_weight_sets))
+        self.depformer_norms = None
         if cfg.dep_q > 0:
             self.depformer_text_emb = nn.Embedding(cfg.text_card + 1, cfg.depformer_dim)
             self.depformer_emb = nn.ModuleList(nn.Embedding(cfg.card + 1, cfg.depformer_dim)
                                                for _ in range(cfg.dep_q - 1))
             self.depformer = Transformer([DepformerLayer(cfg)
                                           for _ in range(cfg.depformer_num_layers)])
+            if cfg.depformer_norm == "layer_norm":  # one per codebook, before its head
+                self.depformer_norms = nn.ModuleList(nn.LayerNorm(cfg.depformer_dim, eps=1e-5)
+                                                     for _ in range(cfg.dep_q))
         else:  # a listener (Kyutai's STT): text out only, no audio generated
             self.depformer_text_emb = self.depformer_emb = self.depformer = None
         self.linears = nn.ModuleList(linear(cfg.depformer_dim, cfg.card, cfg.quantize)
@@ -201,22 +225,23 @@ class MoshiLM(nn.Module):
     def setup_caches(self, batch: int, kv_dtype: torch.dtype | None = None) -> None:
         """Allocate the static KV caches for `batch` rows (slots). The temporal caches are in
         `kv_dtype` (default: the weights' dtype; float8_e4m3fn halves them); the depformer's
-        8-step caches always in the weights' dtype."""
+        dep_q-step caches always in the weights' dtype."""
         cfg, p = self.cfg, self.out_norm.alpha  # the compute dtype, also with int8 weights
         self.caches = nn.ModuleList(
-            KVCache(batch, cfg.num_heads, cfg.context, cfg.head_dim, kv_dtype or p.dtype, p.device)
+            KVCache(batch, cfg.num_kv_heads, cfg.context, cfg.head_dim, kv_dtype or p.dtype,
+                    p.device)
             for _ in range(cfg.num_layers))
         self.dep_caches = nn.ModuleList(
-            KVCache(batch, cfg.depformer_num_heads, cfg.dep_q,
+            KVCache(batch, cfg.depformer_num_kv_heads, cfg.dep_q,
                     cfg.depformer_dim // cfg.depformer_num_heads, p.dtype, p.device)
             for _ in range(cfg.depformer_num_layers if cfg.dep_q else 0))
-        # Depformer sub-step k sits at position k of its 8-slot cache, for every row.
+        # Depformer sub-step k sits at position k of its dep_q-slot cache, for every row.
         self.dep_positions = torch.arange(cfg.dep_q, device=p.device).view(-1, 1).repeat(1, batch)
 
     # -- one step --------------------------------------------------------------------------------
     def forward_temporal(self, tokens: torch.Tensor, positions: torch.Tensor,
                          exec_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B, 17] (text, 8 agent codes, 8 user codes) at `positions` [B].
+        """tokens [B, 1 + n_q] (text, dep_q agent codes, the user's codes) at `positions` [B].
         Returns the normalised hidden state [B, dim] and text logits [B, text_card]."""
         assert self.caches is not None, "call setup_caches() first"
         # Embeddings summed stream by stream (id -1: no input, a zero vector), text last.
@@ -277,10 +302,14 @@ class MoshiLM(nn.Module):
         """Sub-step `step` (0..dep_q-1) of the depth transformer. `prev_token` is the text token
         at step 0, else the audio token of codebook step-1. Returns logits [B, card]."""
         assert self.dep_caches is not None
-        x = self.depformer_in[step](h)
+        weights = self.cfg.depformer_weight_set(step)
+        x = self.depformer_in[weights](h)
         table = self.depformer_text_emb if step == 0 else self.depformer_emb[step - 1]
         pending = embed_add(table.weight, prev_token)  # added by the first norm
         positions = self.dep_positions[step]
         for layer, cache in zip(self.depformer.layers, self.dep_caches):
-            x, pending = layer(x, pending, cache, positions, exec_mask, step)
-        return self.linears[step](x + pending)
+            x, pending = layer(x, pending, cache, positions, exec_mask, weights)
+        x = x + pending
+        if self.depformer_norms is not None:
+            x = self.depformer_norms[step](x)
+        return self.linears[step](x)

@@ -5,20 +5,28 @@ Each 80 ms input frame is stepped once (the plain streaming loop; moshi's `run_i
 instead feeds the first frame twice and its server drops it). The agent's first output frame is
 silence, because the model lags its input by one step. After the last frame the transcriber hears
 its delay's worth of silence, as Kyutai's reference ends a file, so the last words come out.
+
+A translating checkpoint (Hibiki-Zero) translates the recording instead, as its `generate` does:
+the recording, then the end-of-input marker and silence until the model's EOS; the output is the
+translation up to the EOS, as long as it takes (`translate`).
 """
 from __future__ import annotations
 
 import json
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, SamplingConfig
-from duplex_agent.agent.engine import Engine
+from duplex_agent.agent.engine import FLUSH_LIMIT_FRAMES, TEXT_EOS_ID, Engine
 from duplex_agent.agent.persona import Prompt
 from duplex_agent.agent.transcriber import Word
 from duplex_agent.agent.audio_file import AudioInputError, read_mono, write_wav
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,11 +79,58 @@ def converse(engine: Engine, pcm: np.ndarray, sampling: SamplingConfig | None = 
     return out[:n], transcript
 
 
+def translate(engine: Engine, pcm: np.ndarray, sampling: SamplingConfig | None = None,
+              on_piece=None) -> tuple[np.ndarray, Transcript]:
+    """Translate `pcm` (mono float32, 24 kHz) with a translating engine, as Hibiki-Zero's
+    `generate` does: the end-of-input marker goes at frame ceil(seconds x 12.5), silence follows
+    until the model says EOS. Returns the translation's audio (up to the EOS) and transcript.
+    A model that never says EOS is cut after its last text, as `generate` cuts it."""
+    frames = math.ceil(len(pcm) / SAMPLE_RATE * FRAME_RATE)  # `generate`'s own expression
+    padded = np.zeros(frames * FRAME_SIZE, dtype=np.float32)
+    padded[:len(pcm)] = pcm[:len(padded)]
+    row = engine.open(sampling)
+    audio, transcript, last_text = [], Transcript(), -1
+    try:
+        for i in range(frames):
+            res = engine.tick({row: padded[i * FRAME_SIZE:(i + 1) * FRAME_SIZE]})[row]
+            audio.append(res.pcm)
+            last_text = _collect(res, transcript, on_piece, last_text)
+        engine.end_input(row)
+        silence = np.zeros(FRAME_SIZE, dtype=np.float32)
+        while not (res := engine.tick({row: silence})[row]).end:
+            audio.append(res.pcm)
+            last_text = _collect(res, transcript, on_piece, last_text)
+    finally:
+        engine.close(row)
+    if res.text_id != TEXT_EOS_ID:
+        log.warning("the model did not end its translation with EOS within %d s of silence: "
+                    "cut after its last word", FLUSH_LIMIT_FRAMES * FRAME_SIZE // SAMPLE_RATE)
+        audio = audio[:last_text + 1]
+    out = np.concatenate(audio) if audio else np.zeros(0, dtype=np.float32)
+    return out, transcript
+
+
+def _collect(res, transcript: Transcript, on_piece, last_text: int) -> int:
+    """Add a frame's text to the transcript; returns the index of the last frame with text."""
+    if res.text is None:
+        return last_text
+    transcript.add(res.text, res.step)
+    if on_piece is not None:
+        on_piece(res.text)
+    return res.step
+
+
 def run_file(engine: Engine, pcm: np.ndarray, out_path: str | Path,
              transcript_path: str | Path | None = None, sampling: SamplingConfig | None = None,
              on_piece=None, prompt: Prompt | None = None) -> Transcript:
-    """Answer `pcm` (mono float32, 24 kHz, e.g. from `read_mono`) and write the results."""
-    audio, transcript = converse(engine, pcm, sampling, on_piece, prompt)
+    """Answer `pcm` (mono float32, 24 kHz, e.g. from `read_mono`), or translate it with a
+    translating checkpoint, and write the results."""
+    if engine.translates:
+        if prompt is not None:
+            raise ValueError("a translation model takes no persona prompt")
+        audio, transcript = translate(engine, pcm, sampling, on_piece)
+    else:
+        audio, transcript = converse(engine, pcm, sampling, on_piece, prompt)
     write_wav(out_path, audio, SAMPLE_RATE)
     if transcript_path is not None:
         Path(transcript_path).write_text(  # UTF-8 as is: a Japanese transcript stays readable
@@ -86,10 +141,11 @@ def run_file(engine: Engine, pcm: np.ndarray, out_path: str | Path,
 def register(sub) -> None:
     """The `file` command."""
     from duplex_agent.agent.options import add_checkpoint_args, add_persona_args, add_sampling_args
-    f = sub.add_parser("file", help="offline conversation: the agent answers a recording")
+    f = sub.add_parser("file", help="offline conversation: the agent answers a recording (a "
+                       "translation checkpoint such as hibiki-zero translates it)")
     f.set_defaults(func=run_file_command)
     f.add_argument("input", help="input audio (WAV or anything libsndfile reads; any rate/channels)")
-    f.add_argument("output", help="output WAV: the agent's voice, 24 kHz mono")
+    f.add_argument("output", help="output WAV: the agent's voice (or the translation), 24 kHz mono")
     f.add_argument("--transcript", help="write the agent's transcript as JSON here (with "
                    "--transcriber, the user's words too)")
     add_checkpoint_args(f)

@@ -25,6 +25,13 @@ class AgentBundle:
     builtin: bool = False  # True for tiny-random: random weights, speaks noise
     personas: Personas | None = None  # voices of a persona-trained checkpoint (PersonaPlex)
     transcriber: TranscriberBundle | None = None  # the user's words (--transcriber)
+    # moshi's model_type: "moshi" (dialogue) or "hibiki" (speech translation: the user speaks the
+    # source language, the agent its translation; agent/engine.py)
+    model_type: str = "moshi"
+
+    @property
+    def translates(self) -> bool:
+        return self.model_type == "hibiki"
 
 
 def load_voice_prompt(path: str | Path, bundle: AgentBundle) -> VoicePrompt:

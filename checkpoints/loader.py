@@ -33,6 +33,10 @@ KYUTAI_MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
 KYUTAI_TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
 
 
+# moshi's `model_type`s served: dialogue, and speech translation (Hibiki-Zero: agent/engine.py).
+MODEL_TYPES = ("moshi", "hibiki")
+
+
 class CheckpointError(Exception):
     """A checkpoint could not be found, fetched or understood. The message is for the user."""
 
@@ -103,19 +107,21 @@ def _load_tiny_random(device: torch.device, name: str = "tiny-random",
                       voice_prompt_dir=None, weights: WeightOptions = WeightOptions()) -> AgentBundle:
     from duplex_agent.checkpoints import tiny_random
     cfg = LMConfig.tiny()
-    persona = KNOWN[name].personas
+    persona, model_type = KNOWN[name].personas, KNOWN[name].model_type
     if persona:  # PersonaPlex's layout: 16 depformer steps on disk, sliced like the real one
         state, cfg = personaplex.agent_steps_only(tiny_random.build_tiny_personaplex_lm_state(), cfg)
+    elif model_type == "hibiki":
+        state, cfg = tiny_random.build_tiny_hibiki_zero_lm_state(), LMConfig.tiny_hibiki_zero()
     else:
         state = tiny_random.build_tiny_lm_state()
-    model = _build_lm(cfg, state, device, torch.float32, name, weights)
-    mimi = tiny_random.build_tiny_mimi().to(device)
+    model = _build_lm(cfg, state, device, torch.float32, name, weights, model_type)
+    mimi = tiny_random.build_tiny_mimi(n_q=max(cfg.dep_q, cfg.num_user_codebooks)).to(device)
     personas = (_personas(name, cfg, mimi, voice_prompt_dir, tiny_random.tiny_voices_dir)
                 if persona else None)
     log.warning(f"Using the built-in {name} checkpoint: random weights for smoke runs and "
                 "tests; it produces noise, not speech.")
     return AgentBundle(name, cfg, model, mimi, tiny_random.build_tiny_tokenizer(),
-                       SamplingConfig(), builtin=True, personas=personas)
+                       SamplingConfig(), builtin=True, personas=personas, model_type=model_type)
 
 
 def _load_directory(name: str, root: Path, device, dtype, voice_prompt_dir=None,
@@ -135,12 +141,18 @@ def _load_directory(name: str, root: Path, device, dtype, voice_prompt_dir=None,
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick probe, so that an offline machine gets the cache (or a clear message) at once
-    instead of huggingface_hub's retries with back-off."""
+    """One quick probe of the Hub's host (HF_ENDPOINT's, for a mirror), so that an offline machine
+    gets the cache (or a clear message) at once instead of huggingface_hub's retries with
+    back-off."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
         return False
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -149,6 +161,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _load_from_hub(repo: str, device, dtype, voice_prompt_dir=None,
                    weights: WeightOptions = WeightOptions()) -> AgentBundle:
     known = lookup(repo)
+    if known is not None and known.licence:
+        log.info("%s is under the %s licence%s.", repo, known.licence,
+                 " (gated on the Hub: its licence is accepted on the model page)"
+                 if known.gated else "")
     cache_only = not _hub_reachable()
     if known is not None and known.layout == "hf":
         root = _hub_call(repo, lambda hub: hub.snapshot_download(
@@ -180,7 +196,7 @@ def _hub_getter(repo: str, cache_only: bool, flag: str = "--checkpoint",
                 if required:
                     raise CheckpointError(f"{flag} {repo}: the repo has no file {filename}.")
                 return None
-        got = _hub_call(repo, download, offline)
+        got = _hub_call(repo, download, offline, flag)
         return Path(got) if got else None
     return fetch
 
@@ -194,24 +210,65 @@ def _hub_file_spec(spec: str, cache_only: bool | None = None) -> Path:
                                                                 local_files_only=cache_only)))
 
 
-def _hub_call(repo: str, fn: Callable, offline: Callable[[str, str], str] | None = None):
+def _hub_call(repo: str, fn: Callable, offline: Callable[[str, str], str] | None = None,
+              flag: str = "--checkpoint"):
     import huggingface_hub as hub
-    from huggingface_hub.utils import (GatedRepoError, LocalEntryNotFoundError,
-                                       RepositoryNotFoundError)
+    from huggingface_hub.utils import LocalEntryNotFoundError
     offline = offline or offline_message
     try:
         return fn(hub)
     except CheckpointError:
         raise
-    except LocalEntryNotFoundError as e:
-        raise CheckpointError(offline(repo, "no network connection to the Hub, and the files "
-                                      "are not in the local Hugging Face cache")) from e
-    except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise CheckpointError(f"{repo}: the Hugging Face Hub has no such repository (or it needs "
-                              "a login). Check the repo id, or give a local directory or a "
-                              "built-in name.") from e
-    except OSError as e:  # connection errors, timeouts, disk
-        raise CheckpointError(offline(repo, str(e).splitlines()[0][:200])) from e
+    except Exception as e:
+        refused = _refusal_message(repo, e, flag)
+        if refused is not None:
+            raise CheckpointError(refused) from e
+        if isinstance(e, LocalEntryNotFoundError):
+            raise CheckpointError(offline(repo, "no network connection to the Hub, and the "
+                                          "files are not in the local Hugging Face cache")) from e
+        if isinstance(e, OSError):  # connection errors, timeouts, disk
+            raise CheckpointError(offline(repo, str(e).splitlines()[0][:200])) from e
+        raise
+
+
+def _refusal_message(repo: str, error: BaseException, flag: str = "--checkpoint") -> str | None:
+    """The message for a Hub that answered but refused `repo` (gated, 401, 403, not found), or
+    None. The answer is looked for along the exception chain: hf_hub_download reports a 403 on a
+    file's metadata as a LocalEntryNotFoundError caused by it, as if the network were down."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    known = lookup(repo)
+    seen: BaseException | None = error
+    while seen is not None:
+        status = getattr(getattr(seen, "response", None), "status_code", None)
+        if isinstance(seen, GatedRepoError) or (known is not None and known.gated
+                                                and status in (401, 403)):
+            return _gated_message(repo, flag, f"HTTP {status}, gated repository" if status
+                                 else "gated repository")
+        if isinstance(seen, RepositoryNotFoundError):
+            return (f"{flag} {repo}: the Hugging Face Hub has no such repository, or it is "
+                    "private or gated and needs a login (accept its licence on its page, then set "
+                    "HF_TOKEN or run `hf auth login`). Check the repo id, or give a local "
+                    "directory or tiny-random.")
+        if isinstance(seen, HfHubHTTPError) and status == 401:
+            return (f"{flag} {repo}: the Hugging Face Hub refused the access token "
+                    "(HTTP 401, invalid credentials): set HF_TOKEN to a valid token "
+                    f"({constants.ENDPOINT}/settings/tokens) or run `hf auth login` again.")
+        if isinstance(seen, HfHubHTTPError) and status == 403:
+            return _gated_message(repo, flag, "HTTP 403, forbidden: a gated repository, or a token "
+                                 "without read access to it")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _gated_message(repo: str, flag: str, answer: str) -> str:
+    from huggingface_hub import constants
+    known = lookup(repo)
+    licence = f" ({known.licence})" if known is not None and known.licence else ""
+    return (f"{flag} {repo}: the Hugging Face Hub refused the download ({answer}). Accept "
+            f"the licence{licence} on {constants.ENDPOINT}/{repo} while logged in, then let this "
+            "machine use your account: set HF_TOKEN to an access token "
+            f"({constants.ENDPOINT}/settings/tokens) or run `hf auth login`.")
 
 
 def offline_message(repo: str, reason: str) -> str:
@@ -239,8 +296,9 @@ def _load_layout(name: str, get: Callable[..., Path | None], root: Path | None, 
     raw = dict(raw or {})
     weights = _lora_from_config(name, raw, get, weights)
     model_type = raw.pop("model_type", "moshi")
-    if model_type != "moshi":
-        raise CheckpointError(f"{name}: model_type {model_type!r} is not a Moshi dialogue model.")
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"{name}: model_type {model_type!r} is not served here (this "
+                              f"runtime serves {' and '.join(map(repr, MODEL_TYPES))}).")
     lm_file = get(raw.pop("moshi_name", KYUTAI_LM_NAME))
     mimi_file = get(raw.pop("mimi_name", KYUTAI_MIMI_NAME))
     tokenizer_file = get(raw.pop("tokenizer_name", KYUTAI_TOKENIZER_NAME))
@@ -266,14 +324,16 @@ def _load_layout(name: str, get: Callable[..., Path | None], root: Path | None, 
                         "If it was not trained on persona prompts, open conversations without "
                         "voice_prompt/text_prompt.", name, cfg.dep_q)
         persona = True
-    model = _build_lm(cfg, state, device, dtype, name, weights)
+    model = _build_lm(cfg, state, device, dtype, name, weights, model_type)
     from moshi.models import loaders
     mimi = loaders.get_mimi(str(mimi_file), mimi_config, device=device,
                             num_codebooks=max(cfg.dep_q, cfg.num_user_codebooks)).eval()
     personas = (_personas(name, cfg, mimi, voice_prompt_dir,
-                          lambda: personaplex.checkpoint_voices(root, get)) if persona else None)
+                          lambda: personaplex.checkpoint_voices(
+                              root, get, known.voices if known else None))
+                if persona else None)
     return AgentBundle(name, cfg, model, mimi, _load_tokenizer(tokenizer_file, cfg, name),
-                       sampling, personas=personas)
+                       sampling, personas=personas, model_type=model_type)
 
 
 def _personas(name: str, cfg: LMConfig, mimi, voice_prompt_dir,
@@ -351,10 +411,10 @@ def _lora_from_config(name: str, raw: dict, get: Callable[..., Path | None],
     return replace(weights, lora=lora, lora_rank=rank, lora_scaling=scaling)
 
 
-def _apply_weight_options(cfg: LMConfig, state: dict, device, name: str,
+def _apply_weight_options(cfg: LMConfig, state: dict, device, dtype, name: str,
                           weights: WeightOptions) -> tuple[LMConfig, dict]:
-    """LoRA fused into the float weights, then --quantize int8; both on the state dict, so the
-    model is built once with its final weights."""
+    """LoRA fused into the float weights at the compute `dtype`, then --quantize int8; both on
+    the state dict, so the model is built once with its final weights."""
     from dataclasses import replace
 
     from duplex_agent.checkpoints import lora, quantize
@@ -364,11 +424,12 @@ def _apply_weight_options(cfg: LMConfig, state: dict, device, name: str,
         if cfg.quantize:
             raise CheckpointError(f"{name}: a LoRA adapter cannot be fused into int8 (q8) weights; "
                                   "use the bf16 checkpoint (with --quantize int8 if you want int8).")
-        steps = {k: cfg.dep_q for k in state if k.startswith("depformer.layers.") and ".self_attn." in k}
+        steps = {k: cfg.depformer_weight_sets for k in state
+                 if k.startswith("depformer.layers.") and ".self_attn." in k}
         scaling = lora.DEFAULT_SCALING if weights.lora_scaling is None else float(weights.lora_scaling)
         try:
             state = lora.fuse_lora(state, lora.read_adapter(weights.lora), scaling, steps,
-                                   weights.lora_rank)
+                                   weights.lora_rank, dtype)
         except lora.AdapterMismatch as e:
             raise CheckpointError(f"{name}: LoRA adapter {weights.lora}: {e}") from e
     if weights.quantize == "int8" and not cfg.quantize:
@@ -383,8 +444,13 @@ def _apply_weight_options(cfg: LMConfig, state: dict, device, name: str,
 
 
 def _build_lm(cfg: LMConfig, state: dict, device, dtype, name: str = "",
-              weights: WeightOptions = WeightOptions()) -> MoshiLM:
-    cfg, state = _apply_weight_options(cfg, state, device, name, weights)
+              weights: WeightOptions = WeightOptions(), model_type: str = "moshi") -> MoshiLM:
+    cfg, state = _apply_weight_options(cfg, state, device, dtype, name, weights)
+    if model_type == "hibiki":
+        # As moshi's loader does for Hibiki: an EOS (id 2) sampled before the end of the input
+        # is read back as PAD, so the translation goes on.
+        state = dict(state, **{"text_emb.weight": state["text_emb.weight"].clone()})
+        state["text_emb.weight"][2] = state["text_emb.weight"][3]
     with torch.device("meta"):
         model = MoshiLM(cfg)
     expected = set(model.state_dict())

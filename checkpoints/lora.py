@@ -6,7 +6,9 @@ library's in-memory names (per-step attention projections `self_attn.in_projs.{i
 `out_projs.{i}`; the fused `in_proj` / `out_proj` form is accepted too, as moshi's load hook
 does). With `ft_embed`, trained embeddings are saved beside them under their plain names. The
 fused weight is W + scaling * B @ A, as `moshi.models.loaders.get_lora_moshi` computes it, added
-to the rows of our stacked on-disk weight that the linear owns.
+to the rows of our stacked on-disk weight that the linear owns. Like moshi, it is kept at the
+model's compute dtype: a bf16 checkpoint run in fp32 must not have its fused weights rounded back
+to bf16 (that alone made greedy text drift from moshi's after a few dozen tokens).
 """
 from __future__ import annotations
 
@@ -52,8 +54,10 @@ def _target(linear: str, state: dict[str, torch.Tensor]) -> tuple[str, int, bool
 
 
 def fuse_lora(state: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], scaling: float,
-              steps_of: dict[str, int], rank: int | None = None) -> dict[str, torch.Tensor]:
-    """Return `state` (on-disk names, float weights) with the adapter fused in.
+              steps_of: dict[str, int], rank: int | None = None,
+              dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Return `state` (on-disk names, float weights) with the adapter fused in; the weights it
+    changes are `dtype` (the model's compute dtype), whatever the checkpoint stores.
 
     `steps_of[key]`: how many per-step matrices the on-disk weight `key` stacks (the depformer's
     attention weights stack one per step; everything else 1). `rank`: the configured
@@ -83,7 +87,7 @@ def fuse_lora(state: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], 
     for key, value in plain.items():  # trained embeddings (ft_embed) replace the base ones
         if value.shape != state[key].shape:
             bad.append(f"{key} {tuple(value.shape)} (model {tuple(state[key].shape)})")
-        out[key] = value.to(state[key].dtype)
+        out[key] = value.to(dtype)
     for name, ab in sorted(pairs.items()):
         key, step, fused = targets[name]
         base = out[key]
@@ -106,7 +110,7 @@ def fuse_lora(state: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], 
         for i in range(As.shape[0]):
             s = first + i
             merged[s * rows:(s + 1) * rows] += scaling * (Bs[i] @ As[i])
-        out[key] = merged.to(base.dtype)
+        out[key] = merged.to(dtype)
     if bad:
         raise AdapterMismatch(f"LoRA shapes do not fit the model: {'; '.join(bad[:6])}"
                               f"{' ...' if len(bad) > 6 else ''}")

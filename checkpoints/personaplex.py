@@ -350,13 +350,17 @@ class Personas:
 
 # -- voices.tgz -----------------------------------------------------------------------------------
 
-def checkpoint_voices(root: Path | None, get) -> Path | None:
+def checkpoint_voices(root: Path | None, get, elsewhere: str | None = None) -> Path | None:
     """A checkpoint's own voice folder: its `voices/` when it is a local directory that has one,
     else its `voices.tgz` (`get(name, required=False)` fetches a checkpoint file, from the Hub or
-    the directory), unpacked once into the cache. None when it has neither."""
+    the directory), else the archive `elsewhere` names ("hf://owner/repo/voices.tgz": a
+    fine-tune that ships no voices of its own uses its base model's), unpacked once into the
+    cache. None when there is none."""
     if root is not None and (root / VOICES_DIR).is_dir():
         return root / VOICES_DIR
     archive = get(VOICES_ARCHIVE, required=False)
+    if archive is None and elsewhere is not None:
+        archive = get(elsewhere)
     return extract_voices(archive) if archive is not None else None
 
 

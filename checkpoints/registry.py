@@ -11,6 +11,11 @@ class KnownCheckpoint:
     layout: str  # "kyutai" (model.safetensors + Mimi + SentencePiece), "hf" (transformers), "builtin"
     description: str
     personas: bool = False  # persona-trained (PersonaPlex): voice and text prompts, voices.tgz
+    # Where the preset voices come from when the repo has no voices.tgz of its own ("hf://...").
+    voices: str | None = None
+    licence: str | None = None  # named in the load log
+    gated: bool = False  # the Hub serves it only to accounts that accepted its licence
+    model_type: str = "moshi"  # of a built-in checkpoint (a repo's comes from its config.json)
 
 
 DEFAULT_CHECKPOINT = "kyutai/moshiko-pytorch-bf16"
@@ -18,14 +23,19 @@ DEFAULT_CHECKPOINT = "kyutai/moshiko-pytorch-bf16"
 KNOWN = {
     c.name: c for c in [
         KnownCheckpoint("moshiko", "kyutai/moshiko-pytorch-bf16", "kyutai",
-                        "Moshi 7.7B, male voice, bf16 (the default)"),
+                        "Moshi 7.7B, male voice, bf16 (the default)", licence="CC BY 4.0"),
         KnownCheckpoint("moshika", "kyutai/moshika-pytorch-bf16", "kyutai",
-                        "Moshi 7.7B, female voice, bf16"),
+                        "Moshi 7.7B, female voice, bf16", licence="CC BY 4.0"),
         KnownCheckpoint("moshiko-q8", "kyutai/moshiko-pytorch-q8", "kyutai",
                         "Moshiko with int8 weights (model.q8.safetensors, 8.0 GB instead of "
-                        "15.4 GB)"),
+                        "15.4 GB)", licence="CC BY 4.0"),
         KnownCheckpoint("moshika-q8", "kyutai/moshika-pytorch-q8", "kyutai",
-                        "Moshika with int8 weights (model.q8.safetensors, 8.0 GB)"),
+                        "Moshika with int8 weights (model.q8.safetensors, 8.0 GB)",
+                        licence="CC BY 4.0"),
+        KnownCheckpoint("moshika-rl-seamless", "kyutai/moshika-rl-seamless", "kyutai",
+                        "Moshika after GRPO post-training for pauses, turn-taking, backchannels "
+                        "and interruptions (arXiv 2606.11167); drop-in weights, bf16",
+                        licence="CC BY-NC 4.0", gated=True),
         KnownCheckpoint("j-moshi", "nu-dialogue/j-moshi-ext", "kyutai",
                         "J-Moshi (Nagoya University): Moshi fine-tuned for Japanese dialogue, "
                         "Japanese SentencePiece tokenizer; bf16"),
@@ -35,12 +45,25 @@ KNOWN = {
                         "Moshika in Hugging Face transformers format"),
         KnownCheckpoint("personaplex", "nvidia/personaplex-7b-v1", "kyutai",
                         "NVIDIA PersonaPlex 7B: Moshi with a persona (voice prompt + text "
-                        "prompt), 18 preset voices; bf16", personas=True),
+                        "prompt), 18 preset voices; bf16", personas=True,
+                        licence="NVIDIA Open Model License", gated=True),
+        KnownCheckpoint("personaplex-rl-seamless", "kyutai/personaplex-rl-seamless", "kyutai",
+                        "PersonaPlex after Kyutai's GRPO post-training (as moshika-rl-seamless); "
+                        "PersonaPlex's personas and 18 preset voices; bf16", personas=True,
+                        voices="hf://nvidia/personaplex-7b-v1/voices.tgz",
+                        licence="CC BY-NC 4.0 and the NVIDIA Open Model License", gated=True),
+        KnownCheckpoint("hibiki-zero", "kyutai/hibiki-zero-3b-pytorch-bf16", "kyutai",
+                        "Kyutai's Hibiki-Zero 3B: simultaneous speech translation from French, "
+                        "Spanish, Portuguese and German into English speech and text; bf16",
+                        licence="CC BY-NC-SA 4.0"),
         KnownCheckpoint("tiny-random", None, "builtin",
                         "seeded random tiny model for smoke runs and tests: it speaks noise"),
         KnownCheckpoint("tiny-random-personaplex", None, "builtin",
                         "tiny-random in PersonaPlex's layout with 18 random preset voices: "
                         "persona smoke runs and tests", personas=True),
+        KnownCheckpoint("tiny-random-hibiki-zero", None, "builtin",
+                        "tiny-random in Hibiki-Zero's layout (grouped-query attention, 16 + 16 "
+                        "codebooks): translation smoke runs and tests", model_type="hibiki"),
     ]
 }
 # Repo ids resolve to their registry entry too, so the layout is known before any download.

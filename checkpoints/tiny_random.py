@@ -54,9 +54,9 @@ _TRANSFORMER_LAYER_SCALE = 0.3  # moshi inits 0.01, which would make the transfo
 
 # -- Mimi ------------------------------------------------------------------------------------------
 
-def tiny_mimi_config() -> dict:
+def tiny_mimi_config(n_q: int = 8) -> dict:
     """Moshi-style Mimi config (same structure as `moshi.models.loaders._mimi_config`): 24 kHz,
-    12.5 Hz frames of 1920 samples, 8 codebooks of `LMConfig.tiny().card` bins, tiny widths."""
+    12.5 Hz frames of 1920 samples, `n_q` codebooks of `LMConfig.tiny().card` bins, tiny widths."""
     dimension = 32
     seanet = {
         "channels": 1, "dimension": dimension, "causal": True, "n_filters": 4,
@@ -66,7 +66,7 @@ def tiny_mimi_config() -> dict:
         "true_skip": True,
     }
     quantizer = {
-        "dimension": 16, "n_q": 8, "bins": LMConfig.tiny().card,
+        "dimension": 16, "n_q": n_q, "bins": LMConfig.tiny().card,
         "input_dimension": dimension, "output_dimension": dimension,
     }
     transformer = {
@@ -123,27 +123,29 @@ def synthetic_audio(num_samples: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.clip(out, -1.0, 1.0).astype(np.float32))
 
 
-def build_tiny_mimi(seed: int = TINY_SEED) -> MimiModel:
-    """The tiny Mimi for `seed`: eval mode, fp32, CPU, 8 codebooks."""
-    model = get_mimi(None, tiny_mimi_config(), device="cpu", num_codebooks=8)
-    model.load_state_dict(_mimi_state_cached(seed))
+def build_tiny_mimi(seed: int = TINY_SEED, n_q: int = 8) -> MimiModel:
+    """The tiny Mimi for `seed`: eval mode, fp32, CPU, `n_q` codebooks (16 for
+    tiny-random-hibiki-zero)."""
+    model = get_mimi(None, tiny_mimi_config(n_q), device="cpu", num_codebooks=n_q)
+    model.load_state_dict(_mimi_state_cached(seed, n_q))
     return model
 
 
-def tiny_mimi_state(seed: int = TINY_SEED) -> dict[str, torch.Tensor]:
-    """State dict of `build_tiny_mimi(seed)`, with the key names moshi's `get_mimi(filename)` loads."""
-    return {k: v.clone() for k, v in _mimi_state_cached(seed).items()}
+def tiny_mimi_state(seed: int = TINY_SEED, n_q: int = 8) -> dict[str, torch.Tensor]:
+    """State dict of `build_tiny_mimi(seed, n_q)`, with the key names moshi's
+    `get_mimi(filename)` loads."""
+    return {k: v.clone() for k, v in _mimi_state_cached(seed, n_q).items()}
 
 
 @functools.lru_cache(maxsize=4)
-def _mimi_state_cached(seed: int) -> dict[str, torch.Tensor]:
+def _mimi_state_cached(seed: int, n_q: int = 8) -> dict[str, torch.Tensor]:
     # Leave the caller's global RNG alone, and calibrate single-threaded: the result then doesn't
     # depend on the caller's thread count (reduction order), and these thin convolutions over long
     # signals gain little from a second intra-op thread on an idle CPU but lose seconds to
     # spin-waiting on a busy one.
     with torch.random.fork_rng(), torch.no_grad(), _single_threaded():
         torch.manual_seed(seed)
-        model = get_mimi(None, tiny_mimi_config(), device="cpu", num_codebooks=8)
+        model = get_mimi(None, tiny_mimi_config(n_q), device="cpu", num_codebooks=n_q)
         gen = torch.Generator().manual_seed(seed)
         _init_convs(model, gen)
         for transformer in (model.encoder_transformer, model.decoder_transformer):
@@ -300,6 +302,36 @@ def _embed_columns(state: dict[str, torch.Tensor], columns: torch.Tensor) -> tor
     return x + lookup(state["text_emb.weight"], columns[:, 0])
 
 
+# -- tiny-random-hibiki-zero -----------------------------------------------------------------------
+
+def build_tiny_hibiki_zero_lm_state(seed: int = TINY_SEED) -> dict[str, torch.Tensor]:
+    """Like `build_tiny_lm_state`, in Hibiki-Zero's layout (`LMConfig.tiny_hibiki_zero()`), with
+    two changes to moshi's init:
+
+    * the depformer's LayerNorms (moshi: the identity) get random scales and biases, so that a
+      model that skipped or misapplied them would not pass for the same;
+    * like a trained translator, it ends its translation with EOS once the input has ended: the
+      end-of-input marker on the first source codebook (its embedding row `card`) points the
+      text head at EOS. That row is also the initial token, read at position 0 only, where the
+      text's initial token cancels it, so EOS never comes earlier."""
+    cfg = LMConfig.tiny_hibiki_zero()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = get_moshi_lm(None, lm_kwargs=cfg.to_moshi_lm_kwargs(), device="cpu",
+                             dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for norm in model.depformer_norms:
+            norm.weight.copy_(1 + 0.3 * torch.randn(norm.weight.shape, generator=gen))
+            norm.bias.copy_(0.3 * torch.randn(norm.bias.shape, generator=gen))
+        toward_eos = torch.randn(cfg.dim, generator=gen)
+        toward_eos /= toward_eos.norm()
+        model.emb[cfg.dep_q].weight[cfg.card] += 40 * toward_eos  # the first source codebook
+        model.text_emb.weight[cfg.text_card] -= 40 * toward_eos
+        model.text_linear.weight[2] = toward_eos
+    return moshi_to_disk({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
 TINY_VOICES_VERSION = 1  # bump when tiny_voice_presets changes: the cache folder is keyed by it
 
 
@@ -424,16 +456,28 @@ def write_checkpoint_dir(path: str | Path, seed: int = TINY_SEED) -> Path:
     """Write the tiny-random checkpoint laid out like a Kyutai HF repo (`config.json` in the moshi
     library's format, `model.safetensors`, `mimi.safetensors`, `mimi_config.json`,
     `tokenizer.model`). Returns the directory."""
-    path = Path(path)
+    return _write_layout(Path(path), build_tiny_lm_state(seed), LMConfig.tiny(), "moshi", seed)
+
+
+def write_hibiki_zero_checkpoint_dir(path: str | Path, seed: int = TINY_SEED) -> Path:
+    """tiny-random-hibiki-zero laid out as Hibiki-Zero's repo is: `model_type` "hibiki", its
+    architecture keys in config.json, and a Mimi with 16 codebooks."""
+    return _write_layout(Path(path), build_tiny_hibiki_zero_lm_state(seed),
+                         LMConfig.tiny_hibiki_zero(), "hibiki", seed)
+
+
+def _write_layout(path: Path, state: dict[str, torch.Tensor], cfg: LMConfig, model_type: str,
+                  seed: int) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    save_file(build_tiny_lm_state(seed), str(path / "model.safetensors"))
-    save_file(tiny_mimi_state(seed), str(path / "mimi.safetensors"))
-    (path / "mimi_config.json").write_text(json.dumps(tiny_mimi_config(), indent=2))
+    n_q = max(cfg.dep_q, cfg.num_user_codebooks)
+    save_file(state, str(path / "model.safetensors"))
+    save_file(tiny_mimi_state(seed, n_q), str(path / "mimi.safetensors"))
+    (path / "mimi_config.json").write_text(json.dumps(tiny_mimi_config(n_q), indent=2))
     (path / "tokenizer.model").write_bytes(tiny_tokenizer_bytes())
-    config = LMConfig.tiny().to_moshi_lm_kwargs() | {
+    config = cfg.to_moshi_lm_kwargs() | {
         "moshi_name": "model.safetensors", "mimi_name": "mimi.safetensors",
         "mimi_config_name": "mimi_config.json", "tokenizer_name": "tokenizer.model",
-        "model_type": "moshi", "lm_gen_config": {},
+        "model_type": model_type, "lm_gen_config": {},
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
@@ -441,5 +485,7 @@ def write_checkpoint_dir(path: str | Path, seed: int = TINY_SEED) -> Path:
 
 __all__ = ["TINY_SEED", "tiny_mimi_config", "synthetic_audio", "build_tiny_mimi", "tiny_mimi_state",
            "build_tiny_lm_state", "tiny_tokenizer_bytes", "build_tiny_tokenizer",
-           "write_checkpoint_dir", "tiny_personaplex_lm_kwargs", "build_tiny_personaplex_lm_state",
+           "write_checkpoint_dir", "write_hibiki_zero_checkpoint_dir",
+           "build_tiny_hibiki_zero_lm_state", "tiny_personaplex_lm_kwargs",
+           "build_tiny_personaplex_lm_state",
            "tiny_voice_presets", "tiny_voices_dir", "write_tiny_voices"]

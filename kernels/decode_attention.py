@@ -8,12 +8,16 @@ order of the slots is irrelevant and the window is just the prefix `[0, min(pos 
 
 Algorithm ("flash-decoding", two launches):
 
-1. `_decode_split_kernel`, grid (B, H, num_splits). Each program
-   - loads q, k, v of its (b, h) row, applies interleaved RoPE in fp32 and rounds the results
-     to the dtypes the reference would store them in;
-   - takes a BLOCK_N-aligned chunk of the row's window and streams it in BLOCK_N x D tiles
-     with an online softmax (running max m, running sum l, unnormalised accumulator acc),
-     all in fp32. A single query row needs no matrix unit: scores are `sum(q * k_tile, 1)`.
+1. `_decode_split_kernel`, grid (B, Hkv, num_splits). Each program
+   - loads k, v of its (b, KV head) row and q of the G = H / Hkv query heads that share it
+     (grouped-query attention; G = 1 for plain multi-head), applies RoPE (interleaved or
+     half-split pairs) in fp32 and rounds the results to the dtypes the reference would store
+     them in;
+   - takes a BLOCK_N-aligned chunk of the row's window and streams it in BLOCK_N x D tiles,
+     each read once for the G heads, with an online softmax per head (running max m, running
+     sum l, unnormalised accumulator acc), all in fp32. A few query rows need no matrix unit:
+     scores are `sum(q[:, None] * k_tile[None], 2)`. (`_decode_split_dot_kernel` does the
+     same with `tl.dot`, the G query rows in a 16-row tile.)
    - The current step's slot is never read from memory: every program masks it out of its
      loads and substitutes the new k/v from registers. The write of the new k/v (done by
      split 0) can therefore race with the reads of other programs without changing the result.
@@ -23,7 +27,7 @@ Algorithm ("flash-decoding", two launches):
    (m_s = -inf) get weight 0.
 
 Rows with exec_mask False read nothing and write nothing; their output is 0 (the contract
-leaves it unspecified). The number of splits is chosen on the host from B*H and the cache
+leaves it unspecified). The number of splits is chosen on the host from B*Hkv and the cache
 capacity only (reading `positions` would force a device sync and break CUDA graphs); the
 split length is derived in the kernel from each row's actual window, so short windows cost
 proportionally less.
@@ -96,27 +100,36 @@ def _tuned_entries(device_name: str) -> tuple[dict, ...]:
     return tuple(json.loads(path.read_text())["entries"])
 
 
-def heuristic_config(B: int, H: int, C: int, device: torch.device) -> LaunchConfig:
-    """What the heuristics choose where nothing was measured."""
-    block_n = default_block_n(C)
-    return LaunchConfig(block_n, choose_num_splits(B * H, C, _num_sms(device), block_n))
+def heuristic_config(B: int, H: int, C: int, device: torch.device,
+                     kv_heads: int | None = None) -> LaunchConfig:
+    """What the heuristics choose where nothing was measured. Programs are per KV head; one
+    that serves G query heads takes tiles G times shorter, for the registers of one."""
+    kv_heads = kv_heads or H
+    block_n = max(16, default_block_n(C) // _next_power_of_2(H // kv_heads))
+    return LaunchConfig(block_n, choose_num_splits(B * kv_heads, C, _num_sms(device), block_n))
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 @functools.lru_cache(maxsize=256)
 def launch_config(B: int, H: int, C: int, D: int, dtype: torch.dtype, kv_dtype: torch.dtype,
-                  device: torch.device) -> LaunchConfig:
+                  device: torch.device, kv_heads: int | None = None) -> LaunchConfig:
     """The configuration measured fastest on this device for this shape (the nearest measured
-    batch size), else the heuristics (`heuristic_config`)."""
+    batch size), else the heuristics (`heuristic_config`). `kv_heads` (default H): grouped-query
+    attention's; a tuned entry without "kv_heads" is for plain multi-head attention."""
     if device.type == "cuda":
         shape = {"dtype": str(dtype).removeprefix("torch."), "heads": H, "head_dim": D,
                  "kv_dtype": str(kv_dtype).removeprefix("torch."), "capacity": C}
         entries = [e for e in _tuned_entries(torch.cuda.get_device_name(device))
-                   if all(e[k] == v for k, v in shape.items())]
+                   if all(e[k] == v for k, v in shape.items())
+                   and e.get("kv_heads", e["heads"]) == (kv_heads or H)]
         if entries:
             best = min(entries, key=lambda e: abs(math.log2(e["batch"]) - math.log2(B)))
             return LaunchConfig(best["block_n"], best["num_splits"], best["num_warps"],
                                 best["num_stages"], best.get("matrix", False))
-    return heuristic_config(B, H, C, device)
+    return heuristic_config(B, H, C, device, kv_heads)
 
 
 def forget_tuning() -> None:
@@ -163,13 +176,16 @@ if triton is not None:
         stride_kcb, stride_kch, stride_kcc, stride_vcb, stride_vch, stride_vcc,
         stride_ob, stride_oh,
         C, num_splits, qk_scale,
-        D: tl.constexpr, ROPE: tl.constexpr, SINGLE_SPLIT: tl.constexpr, FP8_CACHE: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        D: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+        SINGLE_SPLIT: tl.constexpr, FP8_CACHE: tl.constexpr,
+        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
+        # One program per (row, KV head, split): the GROUP query heads sharing the KV head are
+        # handled together, so each key/value tile is read once for all of them.
         b = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1).to(tl.int64)
+        kvh = tl.program_id(1).to(tl.int64)
         s = tl.program_id(2)
-        H = tl.num_programs(1)
+        H = tl.num_programs(1) * GROUP  # query heads
 
         pos = tl.load(pos_ptr + b).to(tl.int64)
         run = tl.load(exec_ptr + b) != 0
@@ -182,22 +198,32 @@ if triton is not None:
 
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
-        q_row = q_ptr + b * stride_qb + h * stride_qh
-        k_row = k_ptr + b * stride_kb + h * stride_kh
-        v_row = v_ptr + b * stride_vb + h * stride_vh
-        q = tl.load(q_row + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        offs_g = tl.arange(0, BLOCK_G)
+        heads = kvh * GROUP + offs_g  # this program's query heads
+        qd_mask = (offs_g < GROUP)[:, None] & d_mask[None, :]
+        q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+        k_row = k_ptr + b * stride_kb + kvh * stride_kh
+        v_row = v_ptr + b * stride_vb + kvh * stride_vh
+        q = tl.load(q_rows + offs_d[None, :], mask=qd_mask, other=0.0).to(tl.float32)
         k_new = tl.load(k_row + offs_d, mask=d_mask, other=0.0).to(tl.float32)
         if ROPE:
-            # Interleaved pairs (2i, 2i+1): out[2i] = x[2i] cos - x[2i+1] sin,
-            # out[2i+1] = x[2i+1] cos + x[2i] sin. The partner of d is d ^ 1.
-            partner = offs_d ^ 1
-            freq = tl.load(freq_ptr + offs_d // 2, mask=d_mask, other=0.0)
+            # out[d] = x[d] cos - x[partner] sin for the first of a pair, + for the second. The
+            # pairs are (2i, 2i+1) interleaved ("rope"), or (i, i + D/2) ("rope_concat").
+            if INTERLEAVED:
+                partner = offs_d ^ 1
+                freq_index = offs_d // 2
+                first = offs_d % 2 == 0
+            else:
+                partner = (offs_d + D // 2) % D
+                freq_index = offs_d % (D // 2)
+                first = offs_d < D // 2
+            freq = tl.load(freq_ptr + freq_index, mask=d_mask, other=0.0)
             angle = pos.to(tl.float32) * freq
             cos = tl.cos(angle)
-            sin = tl.where(offs_d % 2 == 0, -tl.sin(angle), tl.sin(angle))
-            q_p = tl.load(q_row + partner, mask=d_mask, other=0.0).to(tl.float32)
+            sin = tl.where(first, -tl.sin(angle), tl.sin(angle))
+            q_p = tl.load(q_rows + partner[None, :], mask=qd_mask, other=0.0).to(tl.float32)
             k_p = tl.load(k_row + partner, mask=d_mask, other=0.0).to(tl.float32)
-            q = q * cos + q_p * sin
+            q = q * cos[None, :] + q_p * sin[None, :]
             k_new = k_new * cos + k_p * sin
         # Round like the reference: rotated q/k in their input dtype, then k into the cache dtype.
         cache_ty = kc_ptr.dtype.element_ty
@@ -210,9 +236,9 @@ if triton is not None:
         k_new = k_new.to(cache_ty)
         v_new = v_new.to(cache_ty)
 
-        kc_row = kc_ptr + b * stride_kcb + h * stride_kch
-        vc_row = vc_ptr + b * stride_vcb + h * stride_vch
-        # One program per row writes the new k/v; nobody reads that slot from memory.
+        kc_row = kc_ptr + b * stride_kcb + kvh * stride_kch
+        vc_row = vc_ptr + b * stride_vcb + kvh * stride_vch
+        # One program per row and KV head writes the new k/v; nobody reads that slot from memory.
         # (Mask built by comparing offsets: the interpreter mis-types scalar-bool broadcasts.)
         write = offs_d < tl.where(run & (s == 0), D, 0)
         tl.store(kc_row + cur * stride_kcc + offs_d, k_new, mask=write)
@@ -220,9 +246,9 @@ if triton is not None:
         k_new = k_new.to(tl.float32)
         v_new = v_new.to(tl.float32)
 
-        m_i = -float("inf")
-        l_i = 0.0
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        m_i = tl.full([BLOCK_G], -float("inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             in_win = offs_n < end
@@ -231,27 +257,29 @@ if triton is not None:
             k_t = tl.load(kc_row + offs_n[:, None] * stride_kcc + offs_d[None, :],
                           mask=tile_mask, other=0.0).to(tl.float32)
             k_t = tl.where(is_cur[:, None], k_new[None, :], k_t)
-            scores = tl.sum(q[None, :] * k_t, 1)  # already in log2 units (qk_scale)
-            scores = tl.where(in_win, scores, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 0))
+            # [G, N]: one query row per head needs no matrix unit; already in log2 units.
+            scores = tl.sum(q[:, None, :] * k_t[None, :, :], 2)
+            scores = tl.where(in_win[None, :], scores, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(scores - m_new)
+            p = tl.exp2(scores - m_new[:, None])
             v_t = tl.load(vc_row + offs_n[:, None] * stride_vcc + offs_d[None, :],
                           mask=tile_mask, other=0.0).to(tl.float32)
             v_t = tl.where(is_cur[:, None], v_new[None, :], v_t)
-            acc = acc * alpha + tl.sum(p[:, None] * v_t, 0)
-            l_i = l_i * alpha + tl.sum(p, 0)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v_t[None, :, :], 1)
+            l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
 
         if SINGLE_SPLIT:
-            out = acc / tl.where(l_i > 0, l_i, 1.0)  # idle rows (l = 0) get 0
-            tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d,
-                     out.to(out_ptr.dtype.element_ty), mask=d_mask)
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # idle rows (l = 0) get 0
+            tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=qd_mask)
         else:
-            part = (b * H + h) * num_splits + s
-            tl.store(part_acc_ptr + part * D + offs_d, acc, mask=d_mask)
-            tl.store(part_ml_ptr + part * 2, m_i)
-            tl.store(part_ml_ptr + part * 2 + 1, l_i)
+            part = (b * H + heads) * num_splits + s  # [G]
+            g_mask = offs_g < GROUP
+            tl.store(part_acc_ptr + part[:, None] * D + offs_d[None, :], acc, mask=qd_mask)
+            tl.store(part_ml_ptr + part * 2, m_i, mask=g_mask)
+            tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=g_mask)
 
     @triton.jit
     def _decode_split_dot_kernel(
@@ -261,18 +289,20 @@ if triton is not None:
         stride_kcb, stride_kch, stride_kcc, stride_vcb, stride_vch, stride_vcc,
         stride_ob, stride_oh,
         C, num_splits, qk_scale,
-        D: tl.constexpr, ROPE: tl.constexpr, SINGLE_SPLIT: tl.constexpr, FP8_CACHE: tl.constexpr,
+        D: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+        SINGLE_SPLIT: tl.constexpr, FP8_CACHE: tl.constexpr, GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr,
     ):
-        """`_decode_split_kernel` with both products on the matrix units: q is row 0 of a
-        BLOCK_M-row tile (the others zero), so `q @ K^T` and `p @ V` are `tl.dot`s whose tile
-        loads Triton pipelines (num_stages) instead of shuffle reductions over each tile. The
-        current step's key and value are never read from memory: they enter the online softmax
-        from registers, in the split whose range holds their slot."""
+        """`_decode_split_kernel` with both products on the matrix units: the GROUP queries that
+        share the program's KV head are the first rows of a BLOCK_M-row tile (the others zero),
+        so `q @ K^T` and `p @ V` are `tl.dot`s whose tile loads Triton pipelines (num_stages)
+        instead of shuffle reductions over each tile. The current step's key and value are
+        never read from memory: they enter the online softmax from registers, in the split
+        whose range holds their slot."""
         b = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1).to(tl.int64)
+        kvh = tl.program_id(1).to(tl.int64)
         s = tl.program_id(2)
-        H = tl.num_programs(1)
+        H = tl.num_programs(1) * GROUP  # query heads
 
         pos = tl.load(pos_ptr + b).to(tl.int64)
         run = tl.load(exec_ptr + b) != 0
@@ -284,24 +314,35 @@ if triton is not None:
 
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
-        q_row = q_ptr + b * stride_qb + h * stride_qh
-        k_row = k_ptr + b * stride_kb + h * stride_kh
-        v_row = v_ptr + b * stride_vb + h * stride_vh
-        q = tl.load(q_row + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        offs_m = tl.arange(0, BLOCK_M)
+        mine = offs_m < GROUP  # the tile's rows that hold a query
+        heads = kvh * GROUP + offs_m
+        qd_mask = mine[:, None] & d_mask[None, :]
+        q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+        k_row = k_ptr + b * stride_kb + kvh * stride_kh
+        v_row = v_ptr + b * stride_vb + kvh * stride_vh
+        q = tl.load(q_rows + offs_d[None, :], mask=qd_mask, other=0.0).to(tl.float32)
         k_new = tl.load(k_row + offs_d, mask=d_mask, other=0.0).to(tl.float32)
         if ROPE:
-            partner = offs_d ^ 1
-            freq = tl.load(freq_ptr + offs_d // 2, mask=d_mask, other=0.0)
+            if INTERLEAVED:
+                partner = offs_d ^ 1
+                freq_index = offs_d // 2
+                first = offs_d % 2 == 0
+            else:
+                partner = (offs_d + D // 2) % D
+                freq_index = offs_d % (D // 2)
+                first = offs_d < D // 2
+            freq = tl.load(freq_ptr + freq_index, mask=d_mask, other=0.0)
             angle = pos.to(tl.float32) * freq
             cos = tl.cos(angle)
-            sin = tl.where(offs_d % 2 == 0, -tl.sin(angle), tl.sin(angle))
-            q_p = tl.load(q_row + partner, mask=d_mask, other=0.0).to(tl.float32)
+            sin = tl.where(first, -tl.sin(angle), tl.sin(angle))
+            q_p = tl.load(q_rows + partner[None, :], mask=qd_mask, other=0.0).to(tl.float32)
             k_p = tl.load(k_row + partner, mask=d_mask, other=0.0).to(tl.float32)
-            q = q * cos + q_p * sin
+            q = q * cos[None, :] + q_p * sin[None, :]
             k_new = k_new * cos + k_p * sin
         in_ty = q_ptr.dtype.element_ty
         cache_ty = kc_ptr.dtype.element_ty
-        q = q.to(in_ty)  # rounded as the reference stores it; exact as a dot operand
+        q_tile = q.to(in_ty)  # rounded as the reference stores it; exact as a dot operand
         k_new = k_new.to(in_ty)
         v_new = tl.load(v_row + offs_d, mask=d_mask, other=0.0)
         if FP8_CACHE:
@@ -309,22 +350,19 @@ if triton is not None:
             v_new = _round_to_e4m3(v_new.to(tl.float32))
         k_new = k_new.to(cache_ty)
         v_new = v_new.to(cache_ty)
-        kc_row = kc_ptr + b * stride_kcb + h * stride_kch
-        vc_row = vc_ptr + b * stride_vcb + h * stride_vch
+        kc_row = kc_ptr + b * stride_kcb + kvh * stride_kch
+        vc_row = vc_ptr + b * stride_vcb + kvh * stride_vch
         write = offs_d < tl.where(run & (s == 0), D, 0)
         tl.store(kc_row + cur * stride_kcc + offs_d, k_new, mask=write)
         tl.store(vc_row + cur * stride_vcc + offs_d, v_new, mask=write)
 
-        # The current key's score, and its value, seed the softmax of the split holding `cur`.
-        offs_m = tl.arange(0, BLOCK_M)
-        first = offs_m == 0
-        s_cur = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 0) * qk_scale
-        has_cur = (start <= cur) & (cur < end)
-        m_i = tl.where(first & has_cur, s_cur, -float("inf"))
-        l_i = tl.where(first & has_cur, 1.0, 0.0)
-        acc = tl.where((first & has_cur)[:, None], v_new.to(tl.float32)[None, :],
+        # The current key's scores, and its value, seed the softmax of the split holding `cur`.
+        s_cur = tl.sum(q_tile.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale
+        seeded = mine & (start <= cur) & (cur < end)
+        m_i = tl.where(seeded, s_cur, -float("inf"))
+        l_i = tl.where(seeded, 1.0, 0.0)
+        acc = tl.where(seeded[:, None], v_new.to(tl.float32)[None, :],
                        tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32))
-        q_tile = tl.where(first[:, None], q[None, :], tl.zeros([BLOCK_M, BLOCK_D], dtype=in_ty))
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             use = (offs_n < end) & (offs_n != cur)
@@ -350,19 +388,15 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
 
-        # Row 0 is the query's.
-        acc0 = tl.sum(tl.where(first[:, None], acc, 0.0), 0)
-        l0 = tl.sum(tl.where(first, l_i, 0.0), 0)
-        m0 = tl.max(tl.where(first, m_i, -float("inf")), 0)
         if SINGLE_SPLIT:
-            out = acc0 / tl.where(l0 > 0, l0, 1.0)
-            tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d,
-                     out.to(out_ptr.dtype.element_ty), mask=d_mask)
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=qd_mask)
         else:
-            part = (b * H + h) * num_splits + s
-            tl.store(part_acc_ptr + part * D + offs_d, acc0, mask=d_mask)
-            tl.store(part_ml_ptr + part * 2, m0)
-            tl.store(part_ml_ptr + part * 2 + 1, l0)
+            part = (b * H + heads) * num_splits + s
+            tl.store(part_acc_ptr + part[:, None] * D + offs_d[None, :], acc, mask=qd_mask)
+            tl.store(part_ml_ptr + part * 2, m_i, mask=mine)
+            tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=mine)
 
     @triton.jit
     def _decode_combine_kernel(
@@ -394,7 +428,7 @@ if triton is not None:
 def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             k_cache: torch.Tensor, v_cache: torch.Tensor,
                             positions: torch.Tensor, exec_mask: torch.Tensor,
-                            max_period: float | None = 10_000.0, *,
+                            max_period: float | None = 10_000.0, interleaved: bool = True, *,
                             num_splits: int | None = None,
                             block_n: int | None = None,
                             config: LaunchConfig | None = None) -> torch.Tensor:
@@ -405,15 +439,20 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     returns the output [B, H, D] in q's dtype.
     """
     require_triton()
-    B, H, C, D = k_cache.shape
+    B, H_kv, C, D = k_cache.shape
+    H = q.shape[1]
+    if q.dim() != 3 or H % H_kv:
+        raise ValueError(f"q has shape {tuple(q.shape)}: expected [B, H, D] with H a multiple of "
+                         f"the cache's {H_kv} KV heads")
+    group = H // H_kv
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
         raise ValueError("k_cache and v_cache must have the same shape and dtype")
     if k_cache.dtype not in (FP8_DTYPE, torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"unsupported KV cache dtype {k_cache.dtype}: use float8_e4m3fn, "
                          "float16, bfloat16 or float32")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.shape != (B, H, D):
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(B, H, D)}")
+    for name, t, heads in (("q", q, H), ("k", k, H_kv), ("v", v, H_kv)):
+        if t.shape != (B, heads, D):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(B, heads, D)}")
     if positions.shape != (B,) or exec_mask.shape != (B,):
         raise ValueError("positions and exec_mask must have shape [B]")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
@@ -421,12 +460,12 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if max_period is not None and D % 2:
         raise ValueError("RoPE needs an even head dimension")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    config = config or launch_config(B, H, C, D, q.dtype, k_cache.dtype, q.device)
+    config = config or launch_config(B, H, C, D, q.dtype, k_cache.dtype, q.device, H_kv)
     block_n = block_n or config.block_n
     if block_n & (block_n - 1):
         raise ValueError("block_n must be a power of two")
     splits = num_splits or (config.num_splits if block_n == config.block_n
-                            else choose_num_splits(B * H, C, _num_sms(q.device), block_n))
+                            else choose_num_splits(B * H_kv, C, _num_sms(q.device), block_n))
     block_d = triton.next_power_of_2(D)
     rope = max_period is not None
     freqs = rope_frequencies(D, float(max_period), q.device) if rope else positions  # unused if no RoPE
@@ -445,16 +484,19 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             out.stride(0), out.stride(1), C, splits, qk_scale)
-    shapes = dict(D=D, ROPE=rope, SINGLE_SPLIT=single, FP8_CACHE=k_cache.dtype == FP8_DTYPE,
-                  BLOCK_N=block_n, BLOCK_D=block_d)
+    shapes = dict(D=D, ROPE=rope, INTERLEAVED=interleaved, SINGLE_SPLIT=single,
+                  FP8_CACHE=k_cache.dtype == FP8_DTYPE, GROUP=group, BLOCK_N=block_n,
+                  BLOCK_D=block_d)
     launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     if config.matrix:
-        if block_n < 16 or block_d < 16:
-            raise ValueError("the tl.dot variant needs block_n and the head dimension >= 16")
-        _decode_split_dot_kernel[(B, H, splits)](*args, **shapes, BLOCK_M=16,
-                                                  IEEE=q.dtype == torch.float32, **launch)
+        if block_n < 16 or block_d < 16 or group > 16:
+            raise ValueError("the tl.dot variant needs block_n and the head dimension >= 16, "
+                             "and at most 16 query heads per KV head")
+        _decode_split_dot_kernel[(B, H_kv, splits)](*args, **shapes, BLOCK_M=16,
+                                                     IEEE=q.dtype == torch.float32, **launch)
     else:
-        _decode_split_kernel[(B, H, splits)](*args, **shapes, **launch)
+        _decode_split_kernel[(B, H_kv, splits)](*args, **shapes,
+                                                BLOCK_G=triton.next_power_of_2(group), **launch)
     if not single:
         _decode_combine_kernel[(B, H)](
             part_acc, part_ml, out, out.stride(0), out.stride(1), splits,
@@ -466,7 +508,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor,
                      positions: torch.Tensor, exec_mask: torch.Tensor,
-                     max_period: float | None = 10_000.0) -> torch.Tensor:
+                     max_period: float | None = 10_000.0, interleaved: bool = True) -> torch.Tensor:
     """One decode step of ring-cache attention; picks the implementation.
 
     AGENT_KERNELS=auto (default): Triton on CUDA tensors, the torch reference elsewhere.
@@ -474,4 +516,4 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     AGENT_KERNELS=torch forces the reference.
     """
     impl = decode_attention_triton if use_triton(q, "decode_attention") else decode_attention_ref
-    return impl(q, k, v, k_cache, v_cache, positions, exec_mask, max_period)
+    return impl(q, k, v, k_cache, v_cache, positions, exec_mask, max_period, interleaved)

@@ -52,6 +52,9 @@ class KernelShapes:
     dep_ffn_hidden: int
     vocabularies: tuple[int, ...]  # sampled vocabularies (text, audio)
     int8: bool = False  # int8 linears: the int8 GEMM runs too
+    kv_heads: int | None = None  # grouped-query attention's (default: heads)
+    dep_kv_heads: int | None = None
+    rope_interleaved: bool = True  # RoPE pairs (2i, 2i+1); else (i, i + head_dim/2)
 
     def kernels(self) -> tuple[str, ...]:
         names = ("decode_attention", "rms_norm", "silu_gate", "embedding", "sampling")
@@ -129,29 +132,33 @@ def _randn(gen: torch.Generator, *shape, device, dtype, scale: float = 1.0) -> t
 # -- the checks: each yields (case label, a callable that raises on failure) -----------------------
 
 def _attention_cases(s: KernelShapes, device, gen):
-    temporal = (s.heads, s.context, s.dim // s.heads, s.kv_dtype, s.max_period, "temporal")
-    depth = (s.dep_heads, s.dep_context, s.dep_dim // max(s.dep_heads, 1), s.dtype, None, "depformer")
-    for H, C, D, cache_dtype, max_period, what in (temporal, depth) if s.dep_context else (temporal,):
-        label = (f"{what} B={s.batch} H={H} C={C} D={D} {str(s.dtype)[6:]}, cache "
-                 f"{str(cache_dtype)[6:]}")
-        yield label, lambda H=H, C=C, D=D, cd=cache_dtype, mp=max_period: _attention(
-            s, device, gen, H, C, D, cd, mp)
+    temporal = (s.heads, s.kv_heads or s.heads, s.context, s.dim // s.heads, s.kv_dtype,
+                s.max_period, "temporal")
+    depth = (s.dep_heads, s.dep_kv_heads or s.dep_heads, s.dep_context,
+             s.dep_dim // max(s.dep_heads, 1), s.dtype, None, "depformer")
+    for H, H_kv, C, D, cache_dtype, max_period, what in (temporal, depth) if s.dep_context else (temporal,):
+        label = (f"{what} B={s.batch} H={H} KV heads={H_kv} C={C} D={D} {str(s.dtype)[6:]}, "
+                 f"cache {str(cache_dtype)[6:]}")
+        yield label, lambda H=H, H_kv=H_kv, C=C, D=D, cd=cache_dtype, mp=max_period: _attention(
+            s, device, gen, H, H_kv, C, D, cd, mp)
 
 
-def _attention(s: KernelShapes, device, gen, H, C, D, cache_dtype, max_period) -> None:
+def _attention(s: KernelShapes, device, gen, H, H_kv, C, D, cache_dtype, max_period) -> None:
     B = min(s.batch, ATTENTION_ROWS)
     # A row at its first step, one mid-window, one past a wrap of the ring, one idle.
     positions = torch.tensor([0, C // 2, 2 * C + 3, C - 1][:B], device=device)
     exec_mask = torch.tensor([True, True, True, False][:B], device=device)
-    q, k, v = (_randn(gen, B, H, D, device=device, dtype=s.dtype) for _ in range(3))
-    k_cache = _randn(gen, B, H, C, D, device=device, dtype=s.dtype).to(cache_dtype)
-    v_cache = _randn(gen, B, H, C, D, device=device, dtype=s.dtype).to(cache_dtype)
+    q = _randn(gen, B, H, D, device=device, dtype=s.dtype)
+    k, v = (_randn(gen, B, H_kv, D, device=device, dtype=s.dtype) for _ in range(2))
+    k_cache = _randn(gen, B, H_kv, C, D, device=device, dtype=s.dtype).to(cache_dtype)
+    v_cache = _randn(gen, B, H_kv, C, D, device=device, dtype=s.dtype).to(cache_dtype)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     # The launch configuration the engine's whole batch gets: the same kernel variant as in service.
-    config = decode_attention.launch_config(s.batch, H, C, D, s.dtype, cache_dtype, device)
+    config = decode_attention.launch_config(s.batch, H, C, D, s.dtype, cache_dtype, device, H_kv)
     got = decode_attention.decode_attention_triton(q, k, v, k_cache, v_cache, positions, exec_mask,
-                                                   max_period, config=config)
-    want = decode_attention_ref(q, k, v, k_ref, v_ref, positions, exec_mask, max_period)
+                                                   max_period, s.rope_interleaved, config=config)
+    want = decode_attention_ref(q, k, v, k_ref, v_ref, positions, exec_mask, max_period,
+                                s.rope_interleaved)
     run = exec_mask.cpu()
     fp8 = cache_dtype == FP8
     _close("output", got[run], want[run], *ATTENTION_OUT_TOL[FP8 if fp8 else s.dtype])
@@ -250,7 +257,8 @@ def _sampling(s, device, gen, V) -> None:
 
 
 def _int8_cases(s: KernelShapes, device, gen):
-    shapes = {(3 * s.dim, s.dim), (s.dim, s.ffn_hidden)}
+    kv_dim = s.dim // s.heads * (s.kv_heads or s.heads)
+    shapes = {(s.dim + 2 * kv_dim, s.dim), (s.dim, s.ffn_hidden)}
     if s.dep_dim:
         shapes.add((2 * s.dep_ffn_hidden, s.dep_dim))
     for N, K in sorted(shapes):

@@ -1,7 +1,9 @@
 """Fill bench/results/README.md's tables from the result files beside it, never by hand.
 
-Each table sits between `<!-- table: KIND [device=cpu|cuda] -->` and `<!-- /table -->`; everything
-between the two is rewritten from the newest matching result (by the stamp in its file name).
+Each table sits between `<!-- table: KIND [device=cpu|cuda] [model=NAME] -->` and
+`<!-- /table -->`; everything between the two is rewritten from the newest matching result (by the
+stamp in its file name). The engine tables are of the dialogue model (moshiko, or its tiny twin)
+unless `model=` names another (`hibiki-zero`, `tiny-hibiki-zero`).
 `--check` changes nothing and exits 1 when the README is not what the results say.
 
     python scripts/bench_tables.py [--results bench/results] [--readme RESULTS/README.md] [--check]
@@ -47,6 +49,15 @@ def newest_per_series(paths) -> list[Path]:
     for p in paths:
         by.setdefault(series(p), []).append(p)
     return sorted((newest(ps) for ps in by.values()), key=lambda p: p.name)
+
+
+DIALOGUE_MODELS = ("moshiko", "tiny")
+
+
+def of_model(paths, model: str | None) -> list[Path]:
+    """The engine runs of `model` (the first word of meta["model"]); None: the dialogue model."""
+    wanted = (model,) if model else DIALOGUE_MODELS
+    return [p for p in paths if load(p)["meta"].get("model", "").split(" ")[0] in wanted]
 
 
 def results_on(folder: Path, prefix: str, device: str | None, rows: bool = True) -> list[Path]:
@@ -107,10 +118,10 @@ def caption(path: Path, meta: dict) -> str:
 
 # ---- the tables -----------------------------------------------------------------------------
 
-def engine_table(folder: Path, device: str = "cuda") -> str:
+def engine_table(folder: Path, device: str = "cuda", model: str | None = None) -> str:
     """Ours against the moshi library, per (conversations, context), from the newest engine run
-    on `device` that has both."""
-    runs = [p for p in results_on(folder, "bench-", device)
+    of `model` on `device` that has both."""
+    runs = [p for p in of_model(results_on(folder, "bench-", device), model)
             if any(r["impl"] == "moshi" for r in load(p)["rows"])]
     path = newest(runs)
     if path is None:
@@ -139,10 +150,10 @@ def variant(meta: dict) -> str:
             + (f", transcriber run ({meta['transcriber']})" if meta.get("transcriber") else ""))
 
 
-def variants_table(folder: Path, device: str = "cuda") -> str:
-    """Our engine alone, newest run per configuration (kernels, CUDA graphs, KV dtype)."""
+def variants_table(folder: Path, device: str = "cuda", model: str | None = None) -> str:
+    """Our engine alone, newest run of `model` per configuration (kernels, CUDA graphs, KV dtype)."""
     newest_by_variant = {}
-    for p in results_on(folder, "bench-", device):
+    for p in of_model(results_on(folder, "bench-", device), model):
         key = variant(load(p)["meta"])
         if key not in newest_by_variant or stamp(p) > stamp(newest_by_variant[key]):
             newest_by_variant[key] = p
@@ -211,7 +222,23 @@ def tuning_table(folder: Path, device: str = "cuda") -> str:
 
 
 KNOWN_PREFIXES = ("bench-", "attention-", "sampling-", "device-run-", "launches-", "loadtest-",
-                  "tune-attention-")
+                  "tune-attention-", "capacity-")
+
+
+def capacity_table(folder: Path) -> str:
+    """Conversations per device size of each model (`run_agent.py bench --capacity`: computed by
+    the engine's capacity functions, no device)."""
+    path = newest(folder.glob("capacity-*.json"))
+    if path is None:
+        return NONE_YET
+    data = load(path)
+    sizes = data["meta"]["device_gib"]
+    rows = [[r["model"], r["kv_heads"], r["kv_cache"], r["weight_gb"], r["per_conversation_gib"]]
+            + [r[f"fit_{g}gib"] for g in sizes] for r in data["rows"]]
+    header = ["model", "KV heads", "KV cache", "weights GB", "GiB / conversation"] + [
+        f"{g} GiB" for g in sizes]
+    return (f"`{path.name}` ({data['meta']['date']}; {data['meta']['source']}).\n\n"
+            + table(header, rows, "---" + ":" * (len(header) - 3)))
 
 
 def flatten(value, key: str = "") -> list[list]:
@@ -285,7 +312,7 @@ def loadtest_table(folder: Path, device: str = "cpu") -> str:
 TABLES = {"engine": engine_table, "variants": variants_table, "attention": attention_table,
           "tuning": tuning_table,
           "sampling": sampling_table, "other": other_table, "device-run": device_run_table,
-          "launches": launches_table, "loadtest": loadtest_table}
+          "launches": launches_table, "loadtest": loadtest_table, "capacity": capacity_table}
 
 
 def render(readme: str, folder: Path) -> str:

@@ -8,7 +8,11 @@ its first byte is the kind:
     0x02 text       server -> client, one UTF-8 piece of the agent's inner monologue
     0x05 error      server -> client, UTF-8 message; the server then closes the socket
 
-Other kinds (control 0x03, ping 0x06, anything unknown) and text frames are ignored and counted.
+    0x03 control    client -> server, one byte: 0x01 ("endTurn") tells a translating agent
+                    (Hibiki-Zero) that the speech is over: it finishes translating, then the
+                    server closes the socket
+
+Other kinds (other controls, ping 0x06, anything unknown) and text frames are ignored and counted.
 A full server, a client over its per-address limit or a bad query parameter gets a 0x05 error
 instead of the handshake. Audio that is not Ogg/Opus ends the conversation with a 0x05 error; a
 message over the size limit closes the socket with code 1009. When the server ends a conversation
@@ -48,7 +52,9 @@ log = logging.getLogger(__name__)
 KIND_HANDSHAKE = b"\x00"
 KIND_AUDIO = b"\x01"
 KIND_TEXT = b"\x02"
+KIND_CONTROL = b"\x03"
 KIND_ERROR = b"\x05"
+CONTROL_END_TURN = 0x01
 
 HEARTBEAT_S = 20.0  # ping the client; a peer that stops answering is dropped and its slot freed
 
@@ -146,6 +152,11 @@ class MoshiChat:
                 log.info("conversation %s: websocket error: %s", conv.id, msg.data)
                 return kind, None
             data = msg.data
+            if (msg.type == WSMsgType.BINARY and data[:2] == KIND_CONTROL + bytes([CONTROL_END_TURN])
+                    and self.agent.translates):
+                if not conv.closed:
+                    conv.end_input()
+                continue
             if msg.type != WSMsgType.BINARY or not data or data[:1] != KIND_AUDIO:
                 self._count("ignored_messages", ws_error="ignored")
                 continue

@@ -1,6 +1,7 @@
 """WebRTC transport: a browser holds a conversation with the agent over one RTCPeerConnection.
 
-    POST /offer  {"sdp": ..., "type": "offer", optional sampling fields}  ->  {"sdp": ..., "type": "answer"}
+    POST /offer  {"sdp": ..., "type": "offer", optional sampling fields}  ->
+                 {"sdp": ..., "type": "answer", "conversation", "translates"}
 
 Per connection (`PeerSession`):
 - the browser's microphone track comes in (Opus decoded by aiortc to 48 kHz s16, usually stereo);
@@ -10,7 +11,9 @@ Per connection (`PeerSession`):
 - a data channel opened by the browser (label "events") carries JSON to the page:
   {"type": "text", "text", "start", "end"} (the agent's), {"type": "user_word", "text", "start",
   "end"} (the user's, with a transcriber), {"type": "stats", ...} every 0.5 s,
-  {"type": "error", "message"}.
+  {"type": "error", "message"}, and, on a translating agent (Hibiki-Zero), {"type": "end"} once
+  the translation is complete; from the page, {"type": "end_of_input"} says the speech to
+  translate is over.
 
 Optional sampling fields in the offer: text_temperature, text_topk, audio_temperature, audio_topk,
 seed; and a persona: voice_prompt (a name from GET /api/voices) and text_prompt (the role), strings.
@@ -234,7 +237,17 @@ class PeerSession:
         if self.outbox.channel is not None:
             return
         channel.on("close", lambda: self._spawn(self.close()))
+        channel.on("message", self._on_message)
         self.outbox.attach(channel)
+
+    def _on_message(self, message) -> None:
+        """{"type": "end_of_input"} from a translating agent's page; anything else is ignored."""
+        try:
+            kind = json.loads(message).get("type") if isinstance(message, str) else None
+        except (ValueError, AttributeError):
+            return
+        if kind == "end_of_input" and self.conv.agent.translates and not self.conv.closed:
+            self.conv.end_input()
 
     def _on_track(self, track) -> None:
         if track.kind == "audio" and not self._mic_started:
@@ -266,7 +279,10 @@ class PeerSession:
             elif isinstance(event, ErrorOut):
                 self.send({"type": "error", "message": event.message})
                 await asyncio.sleep(0.5)  # closing aborts the data channel: let the message go first
-        await self.close()  # the conversation ended (engine error or shutdown)
+        if self.conv.input_ended and self.conv.error is None:  # a translation is complete
+            self.send({"type": "end"})
+            await asyncio.sleep(0.5)  # the message, and the voice's last buffered audio
+        await self.close()  # the conversation ended (engine error, translation done, shutdown)
 
     async def _send_stats(self) -> None:
         while True:
@@ -344,7 +360,8 @@ def setup_routes(app: web.Application, agent) -> None:
             return _bad_request(f"could not negotiate the offer: {e or type(e).__name__}")
         log.info("%s: WebRTC session from %s", conv.id, request.remote)
         request["conversation"] = conv  # for the per-client limit (streams/security.py)
-        return web.json_response({"sdp": answer.sdp, "type": answer.type, "conversation": conv.id})
+        return web.json_response({"sdp": answer.sdp, "type": answer.type, "conversation": conv.id,
+                                  "translates": agent.translates})
 
     async def close_all(_app) -> None:
         await asyncio.gather(*(s.close() for s in list(sessions)))

@@ -61,6 +61,13 @@ def persona_agent():
     agent.close()
 
 
+@pytest.fixture(scope="module")
+def translator():
+    agent = Agent.load("tiny-random-hibiki-zero", device="cpu", max_conversations=1)
+    yield agent
+    agent.close()
+
+
 @contextlib.asynccontextmanager
 async def serving(agent):
     runner = web.AppRunner(create_app(agent), shutdown_timeout=2.0)
@@ -180,6 +187,7 @@ async def test_browser_conversation(server, agent, fake_mic):
                                          " && window.duplex.pc.connectionState === 'connected'",
                                          timeout=15_000)
             [conv] = agent.conversations()
+            end_input_hidden = await page.is_hidden("#end-input")  # a dialogue has no end
 
             # Browser audio must arrive at real-time rate: count frames over one pass of the file.
             frames0, t0 = conv.stats.frames_in, time.monotonic()
@@ -233,7 +241,7 @@ async def test_browser_conversation(server, agent, fake_mic):
     assert transcript.strip(), "no transcript on the page"
     assert user_words.startswith("YOU") and len(user_words.split()) >= 2, user_words
     assert user_sent >= 1
-    assert persona_hidden
+    assert persona_hidden and end_input_hidden
     assert "answers after" in turns and "overlap" in turns
     assert not problems, problems
     assert agent.active == 0, "Stop did not close the conversation"
@@ -286,6 +294,38 @@ async def test_browser_persona_reaches_the_server(persona_server, persona_agent)
     assert locked
     assert not problems, problems
     assert persona_agent.active == 0
+
+
+async def test_browser_translation_completes(translator, fake_mic):
+    """A translating agent (Hibiki-Zero): the page offers "Done speaking"; after it the model
+    finishes translating, says EOS, and the page ends the call as complete, not as an error."""
+    async_playwright = pytest.importorskip("playwright.async_api").async_playwright
+    wav, _ = fake_mic
+    problems = []
+    async with serving(translator) as url, async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=[
+            *BROWSER_ARGS, f"--use-file-for-fake-audio-capture={wav}"])
+        try:
+            page = await browser.new_page()
+            page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
+            page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
+            await page.goto(url)
+            await page.click("#toggle")
+            await page.wait_for_function("window.duplex && window.duplex.pc"
+                                         " && window.duplex.pc.connectionState === 'connected'",
+                                         timeout=15_000)
+            await page.wait_for_selector("#end-input", state="visible", timeout=5_000)
+            await asyncio.sleep(1.0)  # some speech to translate
+            await page.click("#end-input")
+            await page.wait_for_function(
+                "document.querySelector('#status').textContent === 'Translated'", timeout=15_000)
+            error_hidden = await page.is_hidden("#error")
+            end_input_hidden = await page.is_hidden("#end-input")
+        finally:
+            await browser.close()
+    assert error_hidden and end_input_hidden
+    assert not problems, problems
+    assert translator.active == 0
 
 
 async def test_engine_failure_reaches_the_client(server, agent, monkeypatch):

@@ -69,24 +69,26 @@ FP8_NAN = 0x7F
 
 def run_case(B, H, C, D, dtype, positions, exec_mask=None, max_period=10_000.0, *,
              num_splits=None, block_n=None, seed=None, caches=None, cache_dtype=None,
-             matrix=False):
+             matrix=False, kv_heads=None, interleaved=True):
     """One decode step with both implementations; checks output and both caches.
 
     `caches` optionally supplies (k_cache, v_cache) tensors (e.g. strided views) to fill;
-    `cache_dtype` float8_e4m3fn gives narrow caches (q, k, v stay in `dtype`).
+    `cache_dtype` float8_e4m3fn gives narrow caches (q, k, v stay in `dtype`). `kv_heads`
+    (default H) below H is grouped-query attention; `interleaved` False is half-split RoPE.
     """
     fp8 = cache_dtype == FP8
     seed = fresh_seed() if seed is None else seed
     exec_mask = [True] * B if exec_mask is None else exec_mask
-    ctx = (f"seed={seed} B={B} H={H} C={C} D={D} {dtype} positions={positions} "
-           f"exec={exec_mask} max_period={max_period} splits={num_splits} block_n={block_n} "
-           f"matrix={matrix}")
+    ctx = (f"seed={seed} B={B} H={H} kv_heads={kv_heads} C={C} D={D} {dtype} "
+           f"positions={positions} exec={exec_mask} max_period={max_period} "
+           f"interleaved={interleaved} splits={num_splits} block_n={block_n} matrix={matrix}")
     gen = torch.Generator().manual_seed(seed)
+    Q, H = H, kv_heads or H  # query heads; H is the KV heads from here on
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
 
-    q, k, v = randn(B, H, D), randn(B, H, D), randn(B, H, D)
+    q, k, v = randn(B, Q, D), randn(B, H, D), randn(B, H, D)
     if fp8:
         k_cache, v_cache = randn(B, H, C, D).to(FP8), randn(B, H, C, D).to(FP8)
     elif caches is None:
@@ -112,15 +114,15 @@ def run_case(B, H, C, D, dtype, positions, exec_mask=None, max_period=10_000.0, 
         k_ref, v_ref = torch.nan_to_num(k_cache, nan=0.0), torch.nan_to_num(v_cache, nan=0.0)
     k_before, v_before = k_cache.clone(), v_cache.clone()
 
-    ref = decode_attention_ref(q, k, v, k_ref, v_ref, pos, ex, max_period)
+    ref = decode_attention_ref(q, k, v, k_ref, v_ref, pos, ex, max_period, interleaved)
 
     splits = num_splits or da.choose_num_splits(B * H, C, da._num_sms(torch.device(DEVICE)),
                                                  block_n or da.default_block_n(C))
-    _poison_allocator((B, H, D), (B, H, splits, D), (B, H, splits, 2), device=DEVICE)
+    _poison_allocator((B, Q, D), (B, Q, splits, D), (B, Q, splits, 2), device=DEVICE)
     config = da.LaunchConfig(block_n or da.default_block_n(C), splits, matrix=matrix)
-    out = da.decode_attention_triton(q, k, v, k_cache, v_cache, pos, ex, max_period,
+    out = da.decode_attention_triton(q, k, v, k_cache, v_cache, pos, ex, max_period, interleaved,
                                      num_splits=num_splits, block_n=block_n, config=config)
-    assert out.shape == (B, H, D) and out.dtype == dtype, ctx
+    assert out.shape == (B, Q, D) and out.dtype == dtype, ctx
 
     atol, rtol = OUT_TOL[FP8 if fp8 else dtype]
     got, want = out[ex].float().cpu(), ref[ex].float().cpu()
@@ -210,12 +212,42 @@ def test_matrix_variant(dtype):
              matrix=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("matrix", [False, True], ids=["rows", "matrix"])
+def test_grouped_query_attention(dtype, matrix):
+    # Hibiki-Zero's layout: KV heads shared by 2 query heads (also 4, and all 6 on one), half-split
+    # RoPE; one split and several, idle rows, wrap-around; the depth transformer without RoPE.
+    run_case(3, 4, 37, 32, dtype, positions=[0, 36, 37 * 3 + 4], kv_heads=2, interleaved=False,
+             matrix=matrix)
+    run_case(3, 4, 37, 32, dtype, positions=[5, 36, 90], exec_mask=[True, False, True],
+             kv_heads=2, interleaved=False, num_splits=3, block_n=16, matrix=matrix)
+    run_case(2, 8, 37, 32, dtype, positions=[20, 200], kv_heads=2, num_splits=2, matrix=matrix)
+    run_case(2, 6, 37, 16, dtype, positions=[3, 45], kv_heads=1, interleaved=False, matrix=matrix)
+    run_case(3, 4, 16, 32, dtype, positions=[0, 9, 40], max_period=None, kv_heads=2,
+             matrix=matrix)
+
+
+def test_half_split_rope():
+    # moshi's "rope_concat" without grouping, at large angles.
+    run_case(2, 3, 37, 32, torch.float32, positions=[17, 100_003], interleaved=False)
+
+
+def test_grouped_launch_heuristics():
+    # A program per KV head: splits from B x Hkv, and tiles as short as the group is large.
+    cpu = torch.device("cpu")
+    assert da.heuristic_config(4, 16, 3000, cpu, kv_heads=8) == da.LaunchConfig(
+        32, da.choose_num_splits(4 * 8, 3000, da._num_sms(cpu), 32))
+    assert da.heuristic_config(4, 16, 3000, cpu) == da.heuristic_config(4, 16, 3000, cpu, 16)
+
+
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
                                    pytest.param(torch.bfloat16, id="bf16", marks=bf16_needs_gpu)])
 def test_matrix_variant_float8_cache(dtype):
     run_case(4, 3, 37, 32, dtype, positions=[0, 20, 37 * 3 + 5, 90],
              exec_mask=[True, True, True, False], cache_dtype=FP8, matrix=True)
     run_case(1, 2, 3000, 64, dtype, positions=[7001], cache_dtype=FP8, matrix=True)
+    run_case(3, 4, 37, 32, dtype, positions=[0, 20, 90], kv_heads=2, interleaved=False,
+             cache_dtype=FP8, num_splits=2, matrix=True)
 
 
 FP8_QUERY_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
@@ -229,6 +261,8 @@ def test_float8_cache(dtype):
              exec_mask=[True, True, True, False], cache_dtype=FP8)
     run_case(1, 2, 3000, 64, dtype, positions=[7001], cache_dtype=FP8)
     run_case(3, 2, 8, 64, dtype, positions=[0, 5, 42], max_period=None, cache_dtype=FP8)
+    run_case(3, 4, 37, 32, dtype, positions=[0, 20, 90], kv_heads=2, interleaved=False,
+             cache_dtype=FP8, num_splits=2)
 
 
 def test_float8_rounding_matches_torch():
@@ -325,6 +359,12 @@ def test_real_shapes_cuda():
     run_case(3, 32, 3000, 128, torch.bfloat16, positions=[0, 2999, 123_456],
              exec_mask=[True, False, True])
     run_case(64, 16, 8, 64, torch.bfloat16, positions=list(range(64)), max_period=None)
+    # Hibiki-Zero's temporal transformer: 16 query heads over 8 KV heads, half-split RoPE.
+    for matrix in (False, True):
+        run_case(3, 16, 3000, 128, torch.bfloat16, positions=[0, 2999, 123_456], kv_heads=8,
+                 interleaved=False, matrix=matrix)
+        run_case(64, 16, 3000, 128, torch.bfloat16, positions=list(range(0, 6400, 100)),
+                 kv_heads=8, interleaved=False, matrix=matrix)
 
 
 @gpu_only

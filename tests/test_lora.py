@@ -8,7 +8,7 @@ import pytest
 import torch
 from moshi.models import loaders
 from moshi.modules.lora import replace_all_linear_with_lora
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from duplex_agent.agent.config import LMConfig, SamplingConfig
 from duplex_agent.checkpoints.loader import CheckpointError, load_checkpoint
@@ -79,6 +79,65 @@ def test_lora_flag_matches_get_lora_moshi(base_dir, adapter_dir, reference):
     assert not torch.equal(plain.text_linear.weight, bundle.model.text_linear.weight)
     stacked = bundle.model.depformer.layers[0].self_attn.in_proj_weight
     assert not torch.equal(plain.depformer.layers[0].self_attn.in_proj_weight, stacked)
+
+
+def test_bf16_base_fused_at_compute_dtype(tmp_path):
+    """A bf16 checkpoint and a bf16 adapter (as published and as moshi-finetune saves them) run in
+    fp32: the fused weights stay fp32, as in moshi's `get_moshi(fuse_lora=True)`; rounding them
+    back to the storage dtype made greedy text drift from moshi's."""
+    base = write_checkpoint_dir(tmp_path / "bf16")
+    state = load_file(str(base / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(base / "model.safetensors"))
+    adapter = tmp_path / "lora.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in random_adapter(seed=6).items()}, str(adapter))
+    (tmp_path / "config.json").write_text(json.dumps({"lora_rank": RANK, "lora_scaling": SCALING}))
+    config = json.loads((base / "config.json").read_text())
+    info = loaders.CheckpointInfo(
+        base / "model.safetensors", base / "mimi.safetensors", base / "tokenizer.model",
+        lm_config={k: v for k, v in config.items() if not k.endswith("_name")
+                   and k not in ("model_type", "lm_gen_config")}
+        | {"lora": True, "lora_rank": RANK, "lora_scaling": SCALING},
+        lora_weights=adapter)
+    reference = info.get_moshi(device="cpu", dtype=torch.float32, fuse_lora=True).eval()
+    bundle = load_checkpoint(str(base), "cpu", lora=adapter)
+    assert bundle.model.text_linear.weight.dtype == torch.float32
+    assert torch.equal(bundle.model.text_linear.weight, reference.text_linear.weight)
+    assert_same_as_reference(bundle.model, reference, steps=110)
+
+
+def test_lora_on_hibiki_zero_layout(tmp_path):
+    """An adapter of a model whose depformer steps share weight sets (and whose attention has
+    fewer KV heads): each shared set is fused once, as moshi fuses it."""
+    from duplex_agent.checkpoints.tiny_random import (build_tiny_hibiki_zero_lm_state,
+                                                      write_hibiki_zero_checkpoint_dir)
+    cfg = LMConfig.tiny_hibiki_zero()
+
+    def moshi_model():
+        model = loaders.get_moshi_lm(None, lm_kwargs=cfg.to_moshi_lm_kwargs(),
+                                     dtype=torch.float32, device="cpu")
+        model.load_state_dict(build_tiny_hibiki_zero_lm_state())
+        return model.eval()
+    lora_model = moshi_model()
+    replace_all_linear_with_lora(lora_model, RANK, SCALING)
+    g = torch.Generator().manual_seed(9)
+    adapter = {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in lora_model.state_dict().items()
+               if ".lora_A." in k or ".lora_B." in k}
+    assert any(".depformer.layers.0.self_attn.in_projs.3.lora_A" in f".{k}" for k in adapter)
+    save_file(adapter, str(tmp_path / "lora.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"lora_rank": RANK, "lora_scaling": SCALING}))
+    reference = loaders.get_lora_moshi(moshi_model(), str(tmp_path / "lora.safetensors"),
+                                       lora_rank=RANK, lora_scaling=SCALING, dtype=torch.float32,
+                                       device="cpu", fuse_lora=True).eval()
+    base = write_hibiki_zero_checkpoint_dir(tmp_path / "hibiki")
+    bundle = load_checkpoint(str(base), "cpu", lora=tmp_path / "lora.safetensors")
+    # What moshi's hibiki loader adds on top (EOS read as PAD), on both sides.
+    reference.text_emb.weight.data[2] = reference.text_emb.weight.data[3]
+    codes = _user_codes(cfg, 24, seed=4)
+    ref_text, ref_audio, ref_frames = _run_reference(reference, codes, use_sampling=False)
+    our_text, our_audio, our_frames = _run_ours(bundle.model, codes, SamplingConfig(greedy=True))
+    assert _rel_err(our_text, ref_text) <= 1e-5 and _rel_err(our_audio, ref_audio) <= 1e-5
+    for t in range(cfg.max_delay, 24):
+        assert torch.equal(ref_frames[t], our_frames[t]), f"step {t}"
 
 
 def test_lora_config_keys(tmp_path, adapter_dir, reference):

@@ -32,7 +32,7 @@ def reference_and_ours(tmp_path_factory):
 
 def _user_codes(cfg, steps, seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, cfg.card, (steps, 1, 8), generator=g)
+    return torch.randint(0, cfg.card, (steps, 1, cfg.num_user_codebooks), generator=g)
 
 
 def _run_reference(ref, codes, **gen_kwargs):
@@ -152,3 +152,33 @@ def test_moshiko_has_reference_on_disk_keys():
     assert len(our_shapes) == 355
     assert our_shapes == ref_shapes
     assert sum(torch.Size(s).numel() for s in our_shapes.values()) == 7_687_729_152
+
+
+def test_hibiki_zero_layout_matches_reference(tmp_path):
+    """Hibiki-Zero's architecture (grouped-query attention with half the KV heads, half-split
+    RoPE, 16 + 16 codebooks with delays of 2, depformer steps sharing weight sets, a LayerNorm
+    before each audio head) against moshi 0.2.13's LMModel on the same random weights."""
+    from safetensors.torch import load_file
+
+    from duplex_agent.checkpoints.tiny_random import build_tiny_hibiki_zero_lm_state
+    cfg = LMConfig.tiny_hibiki_zero()
+    state = build_tiny_hibiki_zero_lm_state()
+    ref = loaders.get_moshi_lm(None, lm_kwargs=cfg.to_moshi_lm_kwargs(), dtype=torch.float32,
+                               device="cpu").eval()
+    ref.load_state_dict(state, strict=True)  # moshi's load hook splits the stacked weights
+    assert ref.transformer.layers[0].self_attn.kv_repeat == 2
+    save_file(state, str(tmp_path / "model.safetensors"))
+    ours = _build_lm(cfg, load_file(str(tmp_path / "model.safetensors")), torch.device("cpu"),
+                     torch.float32)
+    assert ours.setup_caches(1) is None and ours.caches[0].k.shape[1] == cfg.num_heads // 2
+    steps = cfg.context + 20
+    codes = _user_codes(cfg, steps, seed=5)
+    ref_text, ref_audio, ref_frames = _run_reference(ref, codes, use_sampling=False)
+    our_text, our_audio, our_frames = _run_ours(ours, codes, SamplingConfig(greedy=True))
+    assert ref_audio.shape == our_audio.shape == (steps, 16, cfg.card)
+    assert _rel_err(our_text, ref_text) <= 1e-5
+    assert _rel_err(our_audio, ref_audio) <= 1e-5
+    assert all(ref_frames[t] is None for t in range(cfg.max_delay))
+    for t in range(cfg.max_delay, steps):
+        assert torch.equal(ref_frames[t], our_frames[t]), f"step {t}"
+    assert len(set(torch.stack(our_frames[2:])[:, 0].tolist())) > 5

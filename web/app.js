@@ -7,7 +7,7 @@ const $ = (id) => document.getElementById(id);
 const ui = {
   toggle: $("toggle"), status: $("status"), error: $("error"), transcript: $("transcript"),
   lampUser: $("lamp-user"), lampAgent: $("lamp-agent"), audio: $("remote"), details: $("details"),
-  turns: $("turns"), persona: $("persona"), voice: $("voice"), role: $("role"),
+  turns: $("turns"), persona: $("persona"), voice: $("voice"), role: $("role"), endInput: $("end-input"),
   total: $("m-total"), server: $("m-server"), rtt: $("m-rtt"), jitter: $("m-jitter"),
 };
 
@@ -53,6 +53,7 @@ class Session {
     this.prevInbound = null;
     this.lines = { agent: null, user: null };  // each side's open paragraph
     this.stopped = false;
+    this.translated = false;  // a translation completed: the server's close is not an error
   }
 
   async start() {
@@ -65,7 +66,9 @@ class Session {
     for (const track of this.mic.getAudioTracks()) pc.addTrack(track, this.mic);
     this.channel = pc.createDataChannel("events");
     this.channel.onmessage = (e) => this.onMessage(JSON.parse(e.data));
-    this.channel.onclose = () => this.fail("The server ended the conversation.");
+    this.channel.onclose = () => {
+      if (!this.translated) this.fail("The server ended the conversation.");
+    };
     pc.ontrack = (e) => this.onRemoteTrack(e);
     pc.onconnectionstatechange = () => this.onConnectionState();
 
@@ -75,6 +78,7 @@ class Session {
     const answer = await postOffer(pc.localDescription, chosenPersona());
     if (this.stopped) return;
     await pc.setRemoteDescription(answer);
+    ui.endInput.hidden = !answer.translates;  // a translator: the speech has an end
     // getStats() may reject while the connection closes; the next poll simply tries again.
     this.timers.push(setInterval(() => this.pollStats().catch(() => {}), STATS_INTERVAL_MS));
   }
@@ -87,6 +91,7 @@ class Session {
     if (this.mic) this.mic.getTracks().forEach((t) => t.stop());
     if (this.audioCtx) this.audioCtx.close().catch(() => {});
     ui.audio.srcObject = null;
+    ui.endInput.hidden = true;
     ui.lampUser.classList.remove("on");
     ui.lampAgent.classList.remove("on");
   }
@@ -112,6 +117,19 @@ class Session {
     else if (msg.type === "user_word") this.addWords("user", msg.text, msg);
     else if (msg.type === "stats") { this.server = msg; this.render(); }
     else if (msg.type === "error") this.fail(`The agent stopped: ${msg.message}`);
+    else if (msg.type === "end" && session === this) {  // the translation is complete
+      this.translated = true;
+      setTimeout(() => { if (session === this) { stop(); setStatus("idle", "Translated"); } }, 500);
+    }
+  }
+
+  // A translation's speech is over: the agent finishes translating, then the server ends it.
+  endInput() {
+    if (this.channel && this.channel.readyState === "open") {
+      this.channel.send(JSON.stringify({ type: "end_of_input" }));
+      ui.endInput.disabled = true;
+      setStatus("connecting", "Finishing the translation…");
+    }
   }
 
   // Ends the page's session with a message, unless this session was already stopped or replaced.
@@ -296,6 +314,7 @@ let session = null;
 
 function setButton(live) {
   ui.toggle.textContent = live ? "Stop" : "Start conversation";
+  ui.endInput.disabled = false;
   ui.toggle.classList.toggle("stop", live);
   // The persona is fixed when the conversation opens.
   for (const el of ui.persona.querySelectorAll("select, textarea, button")) el.disabled = live;
@@ -329,5 +348,6 @@ function fail(message) {
 }
 
 ui.toggle.addEventListener("click", () => (session ? stop() : start()));
+ui.endInput.addEventListener("click", () => session && session.endInput());
 window.addEventListener("pagehide", stop);
 window.duplexVoices = loadVoices();  // for tests: resolves once the picker is filled (or not)

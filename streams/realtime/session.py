@@ -320,6 +320,8 @@ class RealtimeSession:
                                 "the last commit")
         # A fresh item: the one of speech in progress is committed when the speech stops.
         await self.emit(*self._commit_events(new_id("item")))
+        if self.agent.translates and self.conv is not None and not self.conv.closed:
+            self.conv.end_input()  # a translation's source is complete: finish translating it
 
     def _commit_events(self, item_id: str) -> list[dict]:
         self._uncommitted = 0.0
@@ -565,6 +567,9 @@ class RealtimeSession:
                     if self.response is not None else []
                 await self.emit(*events, error_event(code, event.message, kind="server_error"))
                 await self.finish()
+        if conv.input_ended and conv.error is None:  # a translation completed: the session too
+            await self.emit(*(self._response_end("completed") if self.response else []))
+            await self.finish()
 
     async def _on_audio(self, event: AudioOut) -> None:
         if self._transcripts is not None:
