@@ -169,41 +169,40 @@ if triton is not None:
         return (out.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _decode_split_kernel(
-        q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, exec_ptr, freq_ptr,
-        out_ptr, part_acc_ptr, part_ml_ptr,
-        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
-        stride_kcb, stride_kch, stride_kcc, stride_vcb, stride_vch, stride_vcc,
-        stride_ob, stride_oh,
-        C, num_splits, qk_scale,
-        D: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
-        SINGLE_SPLIT: tl.constexpr, FP8_CACHE: tl.constexpr,
-        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        # One program per (row, KV head, split): the GROUP query heads sharing the KV head are
-        # handled together, so each key/value tile is read once for all of them.
-        b = tl.program_id(0).to(tl.int64)
-        kvh = tl.program_id(1).to(tl.int64)
-        s = tl.program_id(2)
-        H = tl.num_programs(1) * GROUP  # query heads
-
+    def _split_range(pos_ptr, exec_ptr, b, s, C, num_splits, BLOCK_N: tl.constexpr):
+        """Row `b`'s position, whether it runs, its ring slot this step, and split `s`'s keys
+        [start, end): a BLOCK_N-aligned share of the row's window (empty for an idle row)."""
         pos = tl.load(pos_ptr + b).to(tl.int64)
         run = tl.load(exec_ptr + b) != 0
-        cur = pos % C
-        # Idle rows get an empty window: they read nothing.
         window = tl.where(run, tl.minimum(pos + 1, C), 0)
         split_len = tl.cdiv(tl.cdiv(window, num_splits), BLOCK_N) * BLOCK_N
         start = s * split_len
-        end = tl.minimum(start + split_len, window)
+        return pos, run, pos % C, start, tl.minimum(start + split_len, window)
 
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        offs_g = tl.arange(0, BLOCK_G)
-        heads = kvh * GROUP + offs_g  # this program's query heads
-        qd_mask = (offs_g < GROUP)[:, None] & d_mask[None, :]
-        q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
-        k_row = k_ptr + b * stride_kb + kvh * stride_kh
-        v_row = v_ptr + b * stride_vb + kvh * stride_vh
+    @triton.jit
+    def _store_split(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, b, heads, s, H, num_splits,
+                     stride_ob, stride_oh, offs_d, qd_mask, head_mask, D: tl.constexpr,
+                     SINGLE_SPLIT: tl.constexpr):
+        """A program's result for its query `heads`: with a single split the normalised output
+        (idle rows, l = 0, get 0); else its (acc, m, l) for the combine kernel."""
+        if SINGLE_SPLIT:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=qd_mask)
+        else:
+            part = (b * H + heads) * num_splits + s
+            tl.store(part_acc_ptr + part[:, None] * D + offs_d[None, :], acc, mask=qd_mask)
+            tl.store(part_ml_ptr + part * 2, m_i, mask=head_mask)
+            tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=head_mask)
+
+    @triton.jit
+    def _new_token(q_rows, k_row, v_row, kc_row, vc_row, freq_ptr, pos, cur, write, offs_d, d_mask,
+                   qd_mask, stride_kcc, stride_vcc, D: tl.constexpr, ROPE: tl.constexpr,
+                   INTERLEAVED: tl.constexpr, FP8_CACHE: tl.constexpr):
+        """This step's own token, shared by both kernel variants: the query rows and the new key
+        rotated (RoPE, in fp32) and rounded to their input dtype as the reference stores them;
+        the new key and value rounded to the cache's dtype and written to slot `cur` where
+        `write` (one program per row and KV head). Returns (q, k_new, v_new)."""
         q = tl.load(q_rows + offs_d[None, :], mask=qd_mask, other=0.0).to(tl.float32)
         k_new = tl.load(k_row + offs_d, mask=d_mask, other=0.0).to(tl.float32)
         if ROPE:
@@ -225,24 +224,57 @@ if triton is not None:
             k_p = tl.load(k_row + partner, mask=d_mask, other=0.0).to(tl.float32)
             q = q * cos[None, :] + q_p * sin[None, :]
             k_new = k_new * cos + k_p * sin
-        # Round like the reference: rotated q/k in their input dtype, then k into the cache dtype.
-        cache_ty = kc_ptr.dtype.element_ty
-        q = q.to(q_ptr.dtype.element_ty).to(tl.float32) * qk_scale
-        k_new = k_new.to(k_ptr.dtype.element_ty)
+        cache_ty = kc_row.dtype.element_ty
+        q = q.to(q_rows.dtype.element_ty)
+        k_new = k_new.to(k_row.dtype.element_ty)
         v_new = tl.load(v_row + offs_d, mask=d_mask, other=0.0)
         if FP8_CACHE:
             k_new = _round_to_e4m3(k_new.to(tl.float32))
             v_new = _round_to_e4m3(v_new.to(tl.float32))
         k_new = k_new.to(cache_ty)
         v_new = v_new.to(cache_ty)
+        tl.store(kc_row + cur * stride_kcc + offs_d, k_new, mask=write)
+        tl.store(vc_row + cur * stride_vcc + offs_d, v_new, mask=write)
+        return q, k_new, v_new
 
+    @triton.jit
+    def _decode_split_kernel(
+        q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, exec_ptr, freq_ptr,
+        out_ptr, part_acc_ptr, part_ml_ptr,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+        stride_kcb, stride_kch, stride_kcc, stride_vcb, stride_vch, stride_vcc,
+        stride_ob, stride_oh,
+        C, num_splits, qk_scale,
+        D: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+        SINGLE_SPLIT: tl.constexpr, FP8_CACHE: tl.constexpr,
+        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # One program per (row, KV head, split): the GROUP query heads sharing the KV head are
+        # handled together, so each key/value tile is read once for all of them.
+        b = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1).to(tl.int64)
+        s = tl.program_id(2)
+        H = tl.num_programs(1) * GROUP  # query heads
+
+        pos, run, cur, start, end = _split_range(pos_ptr, exec_ptr, b, s, C, num_splits, BLOCK_N)
+
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        offs_g = tl.arange(0, BLOCK_G)
+        heads = kvh * GROUP + offs_g  # this program's query heads
+        qd_mask = (offs_g < GROUP)[:, None] & d_mask[None, :]
+        q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+        k_row = k_ptr + b * stride_kb + kvh * stride_kh
+        v_row = v_ptr + b * stride_vb + kvh * stride_vh
         kc_row = kc_ptr + b * stride_kcb + kvh * stride_kch
         vc_row = vc_ptr + b * stride_vcb + kvh * stride_vch
         # One program per row and KV head writes the new k/v; nobody reads that slot from memory.
         # (Mask built by comparing offsets: the interpreter mis-types scalar-bool broadcasts.)
         write = offs_d < tl.where(run & (s == 0), D, 0)
-        tl.store(kc_row + cur * stride_kcc + offs_d, k_new, mask=write)
-        tl.store(vc_row + cur * stride_vcc + offs_d, v_new, mask=write)
+        q, k_new, v_new = _new_token(q_rows, k_row, v_row, kc_row, vc_row, freq_ptr, pos, cur, write,
+                                     offs_d, d_mask, qd_mask, stride_kcc, stride_vcc, D, ROPE,
+                                     INTERLEAVED, FP8_CACHE)
+        q = q.to(tl.float32) * qk_scale
         k_new = k_new.to(tl.float32)
         v_new = v_new.to(tl.float32)
 
@@ -270,16 +302,8 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
 
-        if SINGLE_SPLIT:
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # idle rows (l = 0) get 0
-            tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=qd_mask)
-        else:
-            part = (b * H + heads) * num_splits + s  # [G]
-            g_mask = offs_g < GROUP
-            tl.store(part_acc_ptr + part[:, None] * D + offs_d[None, :], acc, mask=qd_mask)
-            tl.store(part_ml_ptr + part * 2, m_i, mask=g_mask)
-            tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=g_mask)
+        _store_split(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, b, heads, s, H, num_splits,
+                     stride_ob, stride_oh, offs_d, qd_mask, offs_g < GROUP, D, SINGLE_SPLIT)
 
     @triton.jit
     def _decode_split_dot_kernel(
@@ -304,13 +328,7 @@ if triton is not None:
         s = tl.program_id(2)
         H = tl.num_programs(1) * GROUP  # query heads
 
-        pos = tl.load(pos_ptr + b).to(tl.int64)
-        run = tl.load(exec_ptr + b) != 0
-        cur = pos % C
-        window = tl.where(run, tl.minimum(pos + 1, C), 0)
-        split_len = tl.cdiv(tl.cdiv(window, num_splits), BLOCK_N) * BLOCK_N
-        start = s * split_len
-        end = tl.minimum(start + split_len, window)
+        pos, run, cur, start, end = _split_range(pos_ptr, exec_ptr, b, s, C, num_splits, BLOCK_N)
 
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
@@ -321,40 +339,14 @@ if triton is not None:
         q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
         k_row = k_ptr + b * stride_kb + kvh * stride_kh
         v_row = v_ptr + b * stride_vb + kvh * stride_vh
-        q = tl.load(q_rows + offs_d[None, :], mask=qd_mask, other=0.0).to(tl.float32)
-        k_new = tl.load(k_row + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-        if ROPE:
-            if INTERLEAVED:
-                partner = offs_d ^ 1
-                freq_index = offs_d // 2
-                first = offs_d % 2 == 0
-            else:
-                partner = (offs_d + D // 2) % D
-                freq_index = offs_d % (D // 2)
-                first = offs_d < D // 2
-            freq = tl.load(freq_ptr + freq_index, mask=d_mask, other=0.0)
-            angle = pos.to(tl.float32) * freq
-            cos = tl.cos(angle)
-            sin = tl.where(first, -tl.sin(angle), tl.sin(angle))
-            q_p = tl.load(q_rows + partner[None, :], mask=qd_mask, other=0.0).to(tl.float32)
-            k_p = tl.load(k_row + partner, mask=d_mask, other=0.0).to(tl.float32)
-            q = q * cos[None, :] + q_p * sin[None, :]
-            k_new = k_new * cos + k_p * sin
-        in_ty = q_ptr.dtype.element_ty
-        cache_ty = kc_ptr.dtype.element_ty
-        q_tile = q.to(in_ty)  # rounded as the reference stores it; exact as a dot operand
-        k_new = k_new.to(in_ty)
-        v_new = tl.load(v_row + offs_d, mask=d_mask, other=0.0)
-        if FP8_CACHE:
-            k_new = _round_to_e4m3(k_new.to(tl.float32))
-            v_new = _round_to_e4m3(v_new.to(tl.float32))
-        k_new = k_new.to(cache_ty)
-        v_new = v_new.to(cache_ty)
         kc_row = kc_ptr + b * stride_kcb + kvh * stride_kch
         vc_row = vc_ptr + b * stride_vcb + kvh * stride_vch
         write = offs_d < tl.where(run & (s == 0), D, 0)
-        tl.store(kc_row + cur * stride_kcc + offs_d, k_new, mask=write)
-        tl.store(vc_row + cur * stride_vcc + offs_d, v_new, mask=write)
+        # q is rounded as the reference stores it: exact as a dot operand.
+        q_tile, k_new, v_new = _new_token(q_rows, k_row, v_row, kc_row, vc_row, freq_ptr, pos, cur,
+                                          write, offs_d, d_mask, qd_mask, stride_kcc, stride_vcc,
+                                          D, ROPE, INTERLEAVED, FP8_CACHE)
+        in_ty = q_ptr.dtype.element_ty
 
         # The current key's scores, and its value, seed the softmax of the split holding `cur`.
         s_cur = tl.sum(q_tile.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale
@@ -388,15 +380,8 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
 
-        if SINGLE_SPLIT:
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=qd_mask)
-        else:
-            part = (b * H + heads) * num_splits + s
-            tl.store(part_acc_ptr + part[:, None] * D + offs_d[None, :], acc, mask=qd_mask)
-            tl.store(part_ml_ptr + part * 2, m_i, mask=mine)
-            tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=mine)
+        _store_split(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, b, heads, s, H, num_splits,
+                     stride_ob, stride_oh, offs_d, qd_mask, mine, D, SINGLE_SPLIT)
 
     @triton.jit
     def _decode_combine_kernel(
