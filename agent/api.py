@@ -218,6 +218,12 @@ class Conversation:
             return self._frames.popleft() if self._frames else None
 
     @property
+    def translation_done(self) -> bool:
+        """`end_input()` was called and no error (the engine's, a limit's) ended the conversation:
+        once its events are over, the translation is complete."""
+        return self.input_ended and self.error is None
+
+    @property
     def backlog(self) -> int:
         with self._lock:
             return len(self._frames)

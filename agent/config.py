@@ -7,6 +7,7 @@ from dataclasses import dataclass
 # Text ids with a fixed meaning in every Moshi checkpoint.
 TEXT_PAD_ID = 3  # "no word right now"
 TEXT_EPAD_ID = 0  # last pad before a word
+TEXT_EOS_ID = 2  # end of sequence: a translating model's "translation complete"
 DEFAULT_DELAYS = (0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1)
 # Hibiki-Zero: text, then 16 generated and 16 source codebooks, each semantic codebook undelayed
 # and the 15 acoustic ones 2 frames late.
@@ -139,6 +140,11 @@ class LMConfig:
     @property
     def num_user_codebooks(self) -> int:
         return self.n_q - self.dep_q
+
+    @property
+    def mimi_codebooks(self) -> int:
+        """Codebooks the model's Mimi must encode and decode: the generated and the user's."""
+        return max(self.dep_q, self.num_user_codebooks)
 
     @property
     def max_delay(self) -> int:
@@ -320,4 +326,4 @@ def sampling_from_params(params, defaults: SamplingConfig, strings: bool) -> Sam
 
 
 __all__ = ["CLIENT_SAMPLING_PARAMS", "sampling_from_params", "LMConfig", "SamplingConfig", "PRESETS", "SAMPLE_RATE", "FRAME_RATE", "FRAME_SIZE",
-           "TEXT_PAD_ID", "TEXT_EPAD_ID"]
+           "TEXT_PAD_ID", "TEXT_EPAD_ID", "TEXT_EOS_ID"]

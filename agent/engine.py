@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE, SamplingConfig
+from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE, TEXT_EOS_ID, SamplingConfig
 from duplex_agent.agent.lm_gen import LMGen
 from duplex_agent.agent.text import PieceTable, TextDecoder
 from duplex_agent.agent.persona import DEFAULT_PROMPT_CACHE_BYTES, Prompt, PromptCache, prefill
@@ -59,7 +59,6 @@ RESERVED_BYTES = 1 << 30
 # `--kv-cache` choices: the weights' dtype, or float8 (half the memory of bf16, twice the slots).
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
 
-TEXT_EOS_ID = 2  # a translating model's "translation complete"
 # A translation that never says EOS after its input ended is ended after 30 s of silence.
 FLUSH_LIMIT_FRAMES = int(30 * FRAME_RATE)
 
@@ -226,8 +225,12 @@ class Engine:
         self._ready_host, self._ready_dev = self._buffer_pair((max_sessions,), torch.bool)
         self._reset_host, self._reset_dev = self._buffer_pair((max_sessions,), torch.bool)
         self._persona_host, self._persona_dev = self._buffer_pair((max_sessions,), torch.bool)
-        self._listen_host, self._listen_dev = self._buffer_pair((max_sessions,), torch.bool)
         self._marker_host, self._marker_dev = self._buffer_pair((max_sessions,), torch.bool)
+        # Per-tick results small enough to copy whole: the text ids, and the transcriber's ids and
+        # pause probabilities, queued into (pinned) host memory and read with the PCM in one sync.
+        self._text_host = self._host_buffer((max_sessions,), torch.long)
+        self._heard_host = self._host_buffer((max_sessions,), torch.long)
+        self._pause_host = self._host_buffer((max_sessions,), torch.float32)
         self.translates = bundle.translates
         self._silence_codes: torch.Tensor | None = None  # [user codebooks, max_delay], once made
         self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
@@ -411,11 +414,11 @@ class Engine:
         switched to its reference for this process, with one warning; forced Triton
         (AGENT_KERNELS=triton) makes a failure a KernelCheckError."""
         from duplex_agent.kernels import dispatch, selfcheck
-        probe = torch.empty(0, device=self.device)
         t0 = time.perf_counter()
         failed = {}
         for shapes in self.kernel_shapes():
-            wanted = tuple(k for k in shapes.kernels() if dispatch.use_triton(probe, k) and k not in failed)
+            wanted = tuple(k for k in shapes.kernels()
+                           if dispatch.runs_triton(self.device, k) and k not in failed)
             failed |= {c.kernel: c for c in selfcheck.check_kernels(shapes, self.device, wanted)
                        if not c.ok}
         failed = list(failed.values())
@@ -472,16 +475,24 @@ class Engine:
             heard, pause = self.transcriber.step(self._transcriber_codes(codes, exec_mask),
                                                  exec_mask)
         t3 = self._mark()
+        # One sync per tick: the small results are queued to the host first, and the PCM's
+        # blocking read (or, with no audio to read, a stream sync) drains them.
+        text_ids = self._read_back(out[:, 0], self._text_host)
+        if heard is not None:
+            heard = self._read_back(heard, self._heard_host)
+            if pause is not None:
+                pause = self._read_back(pause, self._pause_host)
         pcm_out = None
         if ready_rows:
             ready = self._row_mask(ready_rows, self._ready_host, self._ready_dev)
             self.mimi.set_exec_mask(ready)
             agent_codes = out[:, 1:].clamp(min=0)  # rows not ready hold -2: decode zeros there
             pcm_out = self.mimi.decode(agent_codes.unsqueeze(-1))[:, 0].float().cpu().numpy()
-        out = out.cpu()
-        if heard is not None:
-            heard = heard.cpu()
-            pause = pause.float().cpu() if pause is not None else None
+        elif self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        text_ids = text_ids.tolist()
+        heard = heard.tolist() if heard is not None else None
+        pause = pause.tolist() if pause is not None else None
         if self.profile:
             t4 = self._mark()
             self.last_timings = {"encode": (t1 - t0) * 1e3, "lm": (t2 - t1) * 1e3,
@@ -492,7 +503,7 @@ class Engine:
 
         results = {}
         for row, slot in slots.items():
-            text_id = int(out[row, 0])
+            text_id = text_ids[row]
             end = False
             if row in silent:
                 slot.flushed += 1
@@ -502,8 +513,8 @@ class Engine:
                 text_id=text_id, text=slot.text.feed(text_id), step=slot.steps, end=end)
             if heard is not None:
                 results[row].words = slot.words.feed(self.transcriber.prefix_frames + slot.steps,
-                                                     int(heard[row]))
-                results[row].pause = float(pause[row]) if pause is not None else None
+                                                     heard[row])
+                results[row].pause = pause[row] if pause is not None else None
             slot.steps += 1
         return results
 
@@ -524,7 +535,8 @@ class Engine:
         if self.transcriber is None or slot is None or slot.words is None:
             return []
         self._apply_resets()
-        only = self._row_mask([row], self._listen_host, self._listen_dev)
+        # Between ticks, on the thread that runs them: the tick's exec mask buffers are free.
+        only = self._row_mask([row], self._exec_host, self._exec_dev)
         self._pcm_host.zero_()
         self._to_device(self._pcm_host, self._pcm_in)
         words = []
@@ -538,12 +550,24 @@ class Engine:
             words += slot.words.feed(step + i, int(heard[row]))
         return words + slot.words.finish()
 
+    def _host_buffer(self, shape, dtype) -> torch.Tensor:
+        """A host buffer, pinned where the device is not the CPU (asynchronous copies)."""
+        return torch.zeros(shape, dtype=dtype, pin_memory=self.device.type != "cpu")
+
     def _buffer_pair(self, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cpu":
-            buf = torch.zeros(shape, dtype=dtype)
+            buf = self._host_buffer(shape, dtype)
             return buf, buf
-        return (torch.zeros(shape, dtype=dtype, pin_memory=True),
+        return (self._host_buffer(shape, dtype),
                 torch.zeros(shape, dtype=dtype, device=self.device))
+
+    def _read_back(self, src: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
+        """`src` on the host: on CUDA queued into `host` (pinned), complete after the tick's sync;
+        on the CPU `src` itself."""
+        if self.device.type == "cpu":
+            return src
+        host.copy_(src, non_blocking=self.device.type == "cuda")
+        return host
 
     @staticmethod
     def _to_device(host: torch.Tensor, dev: torch.Tensor) -> None:

@@ -1,9 +1,11 @@
 """Streaming generation: one call per 80 ms frame, B independent rows (conversations).
 
-Per step, for each executing row: the user's 8 Mimi codes go in; the temporal transformer predicts
-a text token; the depformer predicts the agent's 8 audio codes. Streams carry the reference's
-acoustic delays, so the model reads a small ring of past tokens (`cache`, [B, 17, max_delay + 2])
-and the returned frame is re-aligned (undelayed): text and agent codes of one instant.
+Per step, for each executing row: the user's `num_user_codebooks` Mimi codes go in; the temporal
+transformer predicts a text token; the depformer predicts the agent's `dep_q` audio codes (Moshi 8
+and 8, Hibiki-Zero 16 and 16; the transcriber hears 32 and generates none). Streams carry the
+reference's acoustic delays, so the model reads a small ring of past tokens (`cache`,
+[B, num_codebooks, max_delay + 2]) and the returned frame is re-aligned (undelayed): text and
+agent codes of one instant.
 
 Semantics follow the moshi library's `LMGen` with `support_out_of_sync=True`: every row has its
 own offset; a row with `exec_mask` False does not advance and its state is unchanged; a row that
@@ -89,9 +91,9 @@ class LMGen:
         """After a prompt of `length` forced positions was prefilled into `row`'s KV cache (call
         `reset` first): sample what the last of them predicts, the text token and the first agent
         codebook of column `length` (as the reference's first live step does, with its own counter
-        and seed), take the rest of that column from `carry` [17] (the prompt's delayed streams),
-        and continue the row at offset `length`. `h` [1, dim] and `text_logits` [1, text_card]
-        are the last position's. Writes only the row's state, in place."""
+        and seed), take the rest of that column from `carry` [num_codebooks] (the prompt's
+        delayed streams), and continue the row at offset `length`. `h` [1, dim] and `text_logits`
+        [1, text_card] are the last position's. Writes only the row's state, in place."""
         B, device = self.offsets.shape[0], self.offsets.device
         only = torch.zeros(B, dtype=torch.bool, device=device)
         only[row] = True
@@ -112,15 +114,17 @@ class LMGen:
     @torch.no_grad()
     def step(self, user_codes: torch.Tensor, exec_mask: torch.Tensor,
              return_logits: bool = False) -> StepOutput:
-        """user_codes [B, 8] (rows not executing may hold anything), exec_mask [B] bool."""
+        """user_codes [B, num_user_codebooks] (rows not executing may hold anything), exec_mask
+        [B] bool. With CUDA graphs, a step before `prepare_graph` captures the graph through it
+        (with its fallback to eager steps); steps replay the graph once there is one."""
         self._user_codes.copy_(user_codes)
         self._exec_mask.copy_(exec_mask)
         if return_logits:  # logits are for tests and tools: always eager
             text_logits, audio_logits = self._step(return_logits=True)
             return StepOutput(self._out.clone(), text_logits, audio_logits, self._heads_out())
-        if self.cuda_graph:
-            if self._graph is None:
-                self._capture()
+        if self.cuda_graph and self._graph is None:
+            self.prepare_graph()
+        if self._graph is not None:
             self._graph.replay()
         else:
             self._step()
@@ -183,7 +187,7 @@ class LMGen:
         is_init = (offsets.view(-1, 1) <= self.delays.view(1, -1)) | ~exec_col
         tokens = torch.where(is_init, self.initial, tokens)
 
-        # 3. temporal transformer, text sample, 8 depformer sub-steps. The step number is the
+        # 3. temporal transformer, text sample, dep_q depformer sub-steps. The step number is the
         # sampling counter: a row's draws depend on its own progress only.
         h, text_logits = model.forward_temporal(tokens, offsets, exec_mask)
         text = self.text_sampler.sample(text_logits, offsets, stream=0)

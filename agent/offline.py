@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, SamplingConfig
-from duplex_agent.agent.engine import FLUSH_LIMIT_FRAMES, TEXT_EOS_ID, Engine
+from duplex_agent.agent.config import (FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, TEXT_EOS_ID,
+                                       SamplingConfig)
+from duplex_agent.agent.engine import FLUSH_LIMIT_FRAMES, Engine
 from duplex_agent.agent.persona import Prompt
 from duplex_agent.agent.transcriber import Word
 from duplex_agent.agent.audio_file import AudioInputError, read_mono, write_wav
@@ -66,10 +67,7 @@ def converse(engine: Engine, pcm: np.ndarray, sampling: SamplingConfig | None = 
         for i in range(frames):
             res = engine.tick({row: padded[i * FRAME_SIZE:(i + 1) * FRAME_SIZE]})[row]
             out[i * FRAME_SIZE:(i + 1) * FRAME_SIZE] = res.pcm
-            if res.text is not None:
-                transcript.add(res.text, res.step)
-                if on_piece is not None:
-                    on_piece(res.text)
+            _collect(res, transcript, on_piece, -1)
             if transcript.user is not None:
                 transcript.user += res.words
         if transcript.user is not None:
@@ -170,6 +168,7 @@ def run_file_command(args) -> int:
                              **weight_options(args))
     prompt = persona_prompt(bundle, voice_prompt_from_args(args, bundle), args.text_prompt)
     engine = Engine(bundle, max_sessions=1, kv_dtype=KV_CACHE_DTYPES[args.kv_cache])
+    engine.warm_up()  # as Agent.load and the benchmark do: the kernel self-check, graph capture
     t0 = time.perf_counter()
     transcript = run_file(engine, pcm, args.output, args.transcript, sampling_from_args(args, bundle.sampling),
                           on_piece=lambda s: print(s, end="", flush=True), prompt=prompt)

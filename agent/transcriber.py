@@ -38,13 +38,12 @@ from dataclasses import dataclass
 
 import torch
 
-from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE, SamplingConfig
+from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE, TEXT_EOS_ID, SamplingConfig
 from duplex_agent.agent.lm_gen import LMGen
 from duplex_agent.checkpoints.stt import PAUSE_HEAD, TranscriberBundle
 
 # The script's cut of its last segment: the tokens of int(12.5) steps, about a second.
 SEGMENT_STEPS = int(FRAME_RATE)
-EOS_ID = 2
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ class WordTracker:
             if self._start is not None:
                 words += self._close(step)
             self._start = step + 1
-        elif (token > self._pad or token == EOS_ID) and self._start is not None:
+        elif (token > self._pad or token == TEXT_EOS_ID) and self._start is not None:
             self._tokens.append((step, token))
         return words
 
@@ -90,7 +89,7 @@ class WordTracker:
         second after it opened or at the last step, as the script ends its last segment."""
         if self._start is None:
             return []
-        eos = [step for step, token in self._tokens if token == EOS_ID]
+        eos = [step for step, token in self._tokens if token == TEXT_EOS_ID]
         return self._close(eos[0] if eos else min(self.steps, self._start + SEGMENT_STEPS))
 
     def _close(self, end: float) -> list[Word]:

@@ -27,10 +27,9 @@ each frame also brings the probability that the user says nothing in the next 2 
 `PauseDetector` applies Kyutai's rule as Unmute does: skip the first 12 steps, smooth with an
 exponential moving average (attack and release half-life 0.01 s, so at 80 ms steps it follows the
 model almost at once), and the user's turn has ended when the smoothed value rises above 0.6
-(`TURN_END_ABOVE`); below 0.4 (`BARGE_IN_BELOW`) the user is holding or taking the turn. The user's
-segments are then turns: consecutive webrtcvad segments are merged unless a turn end was detected
-between the start of one and the start of the next (a pause mid-sentence is no turn end), and
-response latencies are measured from the end of a turn.
+(`TURN_END_ABOVE`). The user's segments are then turns: consecutive webrtcvad segments are
+merged unless a turn end was detected between the start of one and the start of the next (a pause
+mid-sentence is no turn end), and response latencies are measured from the end of a turn.
 """
 from __future__ import annotations
 
@@ -144,7 +143,6 @@ class _Track:
 PAUSE_SKIP_STEPS = 12  # the first predictions are unreliable
 PAUSE_HALF_LIFE_S = 0.01  # EMA attack and release
 TURN_END_ABOVE = 0.6
-BARGE_IN_BELOW = 0.4
 
 
 class PauseDetector:
@@ -167,10 +165,6 @@ class PauseDetector:
             self.turn_ends.append(round(t, 3))
             return True
         return False
-
-    @property
-    def user_holds_turn(self) -> bool:
-        return self.value < BARGE_IN_BELOW
 
 
 class TurnTaking:

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from duplex_agent.agent.config import LMConfig, SamplingConfig
+from duplex_agent.agent.config import TEXT_EOS_ID, TEXT_PAD_ID, LMConfig, SamplingConfig
 from duplex_agent.agent.model import MoshiLM
 from duplex_agent.checkpoints import personaplex
 from duplex_agent.checkpoints.bundle import AgentBundle
@@ -74,7 +74,7 @@ def load_checkpoint(spec: str = DEFAULT_CHECKPOINT, device: str | torch.device |
         raise CheckpointError(f"--voice-prompt-dir: {bundle.name} has no persona training "
                               "(voice prompts need a PersonaPlex checkpoint).")
     if transcriber:
-        bundle.transcriber = load_transcriber(transcriber, bundle.mimi)
+        bundle.transcriber = load_transcriber(transcriber, bundle.mimi, dtype=dtype)
     return bundle
 
 
@@ -115,7 +115,7 @@ def _load_tiny_random(device: torch.device, name: str = "tiny-random",
     else:
         state = tiny_random.build_tiny_lm_state()
     model = _build_lm(cfg, state, device, torch.float32, name, weights, model_type)
-    mimi = tiny_random.build_tiny_mimi(n_q=max(cfg.dep_q, cfg.num_user_codebooks)).to(device)
+    mimi = tiny_random.build_tiny_mimi(n_q=cfg.mimi_codebooks).to(device)
     personas = (_personas(name, cfg, mimi, voice_prompt_dir, tiny_random.tiny_voices_dir)
                 if persona else None)
     log.warning(f"Using the built-in {name} checkpoint: random weights for smoke runs and "
@@ -126,18 +126,27 @@ def _load_tiny_random(device: torch.device, name: str = "tiny-random",
 
 def _load_directory(name: str, root: Path, device, dtype, voice_prompt_dir=None,
                     weights: WeightOptions = WeightOptions()) -> AgentBundle:
-    def local(filename: str, required: bool = True) -> Path | None:
+    return _load_layout(name, _dir_getter(name, root), root, device, dtype, voice_prompt_dir,
+                        weights)
+
+
+def _dir_getter(name: str, root: Path, flag: str = "--checkpoint") -> Callable[..., Path | None]:
+    """`get(filename, required=True)` for the files of a local checkpoint directory `root`
+    (`flag name` on the command line): a relative name is in `root`, an absolute or `file://`
+    one is where it says, an `hf://owner/repo/file` one comes from the Hub. A missing required
+    file is a CheckpointError; a missing optional one is None."""
+    def get(filename: str, required: bool = True) -> Path | None:
         if filename.startswith("file://"):
             filename = filename.removeprefix("file://")
         if filename.startswith("hf://"):
             return _hub_file_spec(filename)
         p = Path(filename) if Path(filename).is_absolute() else root / filename
-        if p.exists():
+        if p.is_file():
             return p
         if required:
-            raise CheckpointError(f"--checkpoint {name}: {p} is missing.")
+            raise CheckpointError(f"{flag} {name}: {p} is missing.")
         return None
-    return _load_layout(name, local, root, device, dtype, voice_prompt_dir, weights)
+    return get
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -327,7 +336,7 @@ def _load_layout(name: str, get: Callable[..., Path | None], root: Path | None, 
     model = _build_lm(cfg, state, device, dtype, name, weights, model_type)
     from moshi.models import loaders
     mimi = loaders.get_mimi(str(mimi_file), mimi_config, device=device,
-                            num_codebooks=max(cfg.dep_q, cfg.num_user_codebooks)).eval()
+                            num_codebooks=cfg.mimi_codebooks).eval()
     personas = (_personas(name, cfg, mimi, voice_prompt_dir,
                           lambda: personaplex.checkpoint_voices(
                               root, get, known.voices if known else None))
@@ -378,7 +387,7 @@ def _load_hf_layout(name: str, root: Path, raw: dict, device, dtype,
     from moshi.models import loaders
     mimi_cfg = hf_format.hf_mimi_config_to_moshi(hf_format.audio_encoder_config(raw))
     mimi = loaders.get_mimi(None, mimi_cfg, device=device,
-                            num_codebooks=max(cfg.dep_q, cfg.num_user_codebooks))
+                            num_codebooks=cfg.mimi_codebooks)
     mimi.load_state_dict(hf_format.hf_to_kyutai_mimi(state, mimi_cfg), strict=True)
     tokenizers = sorted(root.glob("*.model"))
     if not tokenizers:
@@ -447,10 +456,10 @@ def _build_lm(cfg: LMConfig, state: dict, device, dtype, name: str = "",
               weights: WeightOptions = WeightOptions(), model_type: str = "moshi") -> MoshiLM:
     cfg, state = _apply_weight_options(cfg, state, device, dtype, name, weights)
     if model_type == "hibiki":
-        # As moshi's loader does for Hibiki: an EOS (id 2) sampled before the end of the input
-        # is read back as PAD, so the translation goes on.
+        # As moshi's loader does for Hibiki: an EOS sampled before the end of the input is read
+        # back as PAD, so the translation goes on.
         state = dict(state, **{"text_emb.weight": state["text_emb.weight"].clone()})
-        state["text_emb.weight"][2] = state["text_emb.weight"][3]
+        state["text_emb.weight"][TEXT_EOS_ID] = state["text_emb.weight"][TEXT_PAD_ID]
     with torch.device("meta"):
         model = MoshiLM(cfg)
     expected = set(model.state_dict())
@@ -499,9 +508,11 @@ def _sampling_from_lm_gen_config(gen: dict) -> SamplingConfig:
 def load_transcriber(spec: str, dialogue_mimi=None, device: str | torch.device | None = None,
                      dtype: torch.dtype | None = None) -> TranscriberBundle:
     """A Kyutai STT checkpoint for the user's words: a registry name (TRANSCRIBERS), a local
-    directory in Kyutai's layout, a Hub repo id, or `tiny-random-stt`. It goes on the dialogue
-    Mimi's device and dtype; when its Mimi has the same weights, it uses the dialogue Mimi's
-    tensors. Raises CheckpointError, before anything is served, for anything it cannot use."""
+    directory in Kyutai's layout, a Hub repo id, or `tiny-random-stt`. It goes on `device`, else
+    the dialogue Mimi's (else the default device), its LM in `dtype` (default bfloat16 on CUDA,
+    float32 elsewhere; `load_checkpoint` passes the dialogue's; tiny-random-stt's LM and every
+    Mimi stay float32); when its Mimi has the same weights, it uses the dialogue Mimi's tensors.
+    Raises CheckpointError, before anything is served, for anything it cannot use."""
     from duplex_agent.checkpoints import stt
     if dialogue_mimi is not None:
         device = device or next(dialogue_mimi.parameters()).device
@@ -518,13 +529,7 @@ def load_transcriber(spec: str, dialogue_mimi=None, device: str | torch.device |
                                  same_mimi=stt.share_mimi_weights(mimi, dialogue_mimi))
     path = Path(spec).expanduser()
     if path.is_dir():
-        def get(filename: str, required: bool = True) -> Path | None:
-            p = Path(filename) if Path(filename).is_absolute() else path / filename
-            if p.is_file():
-                return p
-            if required:
-                raise CheckpointError(f"--transcriber {spec}: {p} is missing.")
-            return None
+        get = _dir_getter(spec, path, "--transcriber")
     elif known is not None or (not spec.startswith((".", "/", "~")) and spec.count("/") == 1):
         repo = known.repo if known is not None else spec
         get = _hub_getter(repo, not _hub_reachable(), "--transcriber", transcriber_offline_message)

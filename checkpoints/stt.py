@@ -198,19 +198,15 @@ def build_tiny_stt_lm_state(seed: int = TINY_STT_SEED) -> dict[str, torch.Tensor
     return state
 
 
-def tiny_stt_mimi_config() -> dict:
-    from duplex_agent.checkpoints.tiny_random import tiny_mimi_config
-    config = tiny_mimi_config()
-    config["quantizer"] = {**config["quantizer"], "n_q": STT_CODEBOOKS}
-    return config
-
-
 def build_tiny_stt_mimi(seed: int = TINY_STT_SEED):
     """tiny-random's Mimi with 32 codebooks: its 8 codebooks and every other weight unchanged, 24
     more fitted on what they leave (as Mimi's residual VQ is built), so that its first 8 codes are
     exactly tiny-random's and one 32-codebook encode serves both models."""
     from moshi.models.loaders import get_mimi
-    model = get_mimi(None, tiny_stt_mimi_config(), device="cpu", num_codebooks=STT_CODEBOOKS)
+
+    from duplex_agent.checkpoints.tiny_random import tiny_mimi_config
+    model = get_mimi(None, tiny_mimi_config(STT_CODEBOOKS), device="cpu",
+                     num_codebooks=STT_CODEBOOKS)
     model.load_state_dict(_tiny_stt_mimi_state(seed))
     return model
 
@@ -226,7 +222,8 @@ def _tiny_stt_mimi_state(seed: int) -> dict[str, torch.Tensor]:
     from duplex_agent.checkpoints import tiny_random
     base = tiny_random.tiny_mimi_state(seed)
     with torch.random.fork_rng(), torch.no_grad(), tiny_random._single_threaded():
-        model = get_mimi(None, tiny_stt_mimi_config(), device="cpu", num_codebooks=STT_CODEBOOKS)
+        model = get_mimi(None, tiny_random.tiny_mimi_config(STT_CODEBOOKS), device="cpu",
+                         num_codebooks=STT_CODEBOOKS)
         missing, unexpected = model.load_state_dict(base, strict=False)
         assert not unexpected and all(".vq.layers." in k for k in missing), (missing, unexpected)
         clip = int(tiny_random._CALIB_SECONDS * tiny_random.SAMPLE_RATE)
@@ -262,12 +259,12 @@ def write_tiny_stt_dir(path: str | Path, seed: int = TINY_STT_SEED, **json_overr
     `json_overrides` replace config.json keys (tests write variants and bad checkpoints)."""
     from safetensors.torch import save_file
 
-    from duplex_agent.checkpoints.tiny_random import tiny_tokenizer_bytes
+    from duplex_agent.checkpoints.tiny_random import tiny_mimi_config, tiny_tokenizer_bytes
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(build_tiny_stt_lm_state(seed), str(path / "model.safetensors"))
     save_file(tiny_stt_mimi_state(seed), str(path / "mimi.safetensors"))
-    (path / "mimi_config.json").write_text(json.dumps(tiny_stt_mimi_config(), indent=1))
+    (path / "mimi_config.json").write_text(json.dumps(tiny_mimi_config(STT_CODEBOOKS), indent=1))
     (path / "tokenizer.model").write_bytes(tiny_tokenizer_bytes())
     (path / "config.json").write_text(json.dumps(tiny_stt_json() | json_overrides, indent=1))
     return path
@@ -275,5 +272,5 @@ def write_tiny_stt_dir(path: str | Path, seed: int = TINY_STT_SEED, **json_overr
 
 __all__ = ["PAUSE_HEAD", "STT_CODEBOOKS", "STT_SHAPES", "TranscriberBundle", "build_tiny_stt_lm_state",
            "build_tiny_stt_mimi", "check_mimi", "random_stt", "share_mimi_weights",
-           "stt_config_from_json", "tiny_stt_config", "tiny_stt_json", "tiny_stt_mimi_config",
+           "stt_config_from_json", "tiny_stt_config", "tiny_stt_json",
            "tiny_stt_mimi_state", "write_tiny_stt_dir"]

@@ -469,7 +469,7 @@ def write_hibiki_zero_checkpoint_dir(path: str | Path, seed: int = TINY_SEED) ->
 def _write_layout(path: Path, state: dict[str, torch.Tensor], cfg: LMConfig, model_type: str,
                   seed: int) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    n_q = max(cfg.dep_q, cfg.num_user_codebooks)
+    n_q = cfg.mimi_codebooks
     save_file(state, str(path / "model.safetensors"))
     save_file(tiny_mimi_state(seed, n_q), str(path / "mimi.safetensors"))
     (path / "mimi_config.json").write_text(json.dumps(tiny_mimi_config(n_q), indent=2))

@@ -95,8 +95,7 @@ def bench_decode_attention(batches=(1, 8, 16, 32, 64), contexts=(250, 1500, 3000
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("bench_decode_attention needs a CUDA GPU")
-    from duplex_agent.kernels.decode_attention import (choose_num_splits, decode_attention_triton,
-                                          default_block_n, _num_sms)
+    from duplex_agent.kernels.decode_attention import decode_attention_triton, launch_config
 
     measure = timer(device)
     copy_bw = copy_bandwidth(device, COPY_BYTES if device.type == "cuda" else 1 << 24)
@@ -129,7 +128,9 @@ def bench_decode_attention(batches=(1, 8, 16, 32, 64), contexts=(250, 1500, 3000
                 "device": device_name, "dtype": str(dtype).removeprefix("torch."),
                 "kv_dtype": str(kv_dtype or dtype).removeprefix("torch."),
                 "batch": B, "context": ctx, "capacity": capacity, "heads": H, "head_dim": D,
-                "num_splits": choose_num_splits(B * H, capacity, _num_sms(device), default_block_n(capacity)),
+                # as the kernel launches (launch_config: the tuned table, else the heuristics)
+                "num_splits": launch_config(B, H, capacity, D, dtype, kv_dtype or dtype,
+                                            device).num_splits,
                 "bytes": nbytes,
                 "triton_us": t_triton * 1e6, "sdpa_prefix_us": t_prefix * 1e6, "sdpa_masked_us": t_masked * 1e6,
                 "triton_gbps": bw / 1e9, "sdpa_prefix_gbps": nbytes / t_prefix / 1e9,

@@ -68,7 +68,7 @@ def choose_num_splits(batch_heads: int, window: int, num_sms: int, block_n: int)
 def default_block_n(capacity: int) -> int:
     # 64 keys x 128 dims keeps K and V tiles in registers with 4 warps; tiny caches
     # (the depth transformer's C=8) use a smaller tile, >= 16 to stay a safe Triton shape.
-    return max(16, min(64, 1 << max(capacity - 1, 0).bit_length()))
+    return max(16, min(64, _next_power_of_2(capacity)))
 
 
 @dataclass(frozen=True)

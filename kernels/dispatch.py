@@ -39,11 +39,18 @@ def triton_by_default(device: torch.device) -> bool:
     return device.type == "cuda" and triton is not None
 
 
-def use_triton(x: torch.Tensor, kernel: str) -> bool:
+def runs_triton(device: torch.device, kernel: str) -> bool:
+    """Whether `kernel` runs its Triton version on `device`: AGENT_KERNELS forces one or the
+    other; under `auto`, Triton by default (`triton_by_default`) unless the kernel fell back."""
     mode = kernel_backend()
     if mode != "auto":
         return mode == "triton"
-    return kernel not in _fallbacks and triton_by_default(x.device)
+    return kernel not in _fallbacks and triton_by_default(device)
+
+
+def use_triton(x: torch.Tensor, kernel: str) -> bool:
+    """Whether `kernel` runs its Triton version on `x`'s device."""
+    return runs_triton(x.device, kernel)
 
 
 def fall_back(kernel: str, why: str) -> None:
@@ -64,10 +71,7 @@ def kernel_paths(device: torch.device, kernels=KERNELS) -> dict[str, dict[str, s
     mode = kernel_backend()
     paths = {}
     for kernel in kernels:
-        if mode != "auto":
-            paths[kernel] = {"path": mode}
-        elif kernel in _fallbacks:
-            paths[kernel] = {"path": "torch", "why": _fallbacks[kernel]}
-        else:
-            paths[kernel] = {"path": "triton" if triton_by_default(device) else "torch"}
+        paths[kernel] = {"path": "triton" if runs_triton(device, kernel) else "torch"}
+        if mode == "auto" and kernel in _fallbacks:
+            paths[kernel]["why"] = _fallbacks[kernel]
     return paths

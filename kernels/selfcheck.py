@@ -9,13 +9,13 @@ the failure an error. Inputs are seeded: a failure can be replayed.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from duplex_agent.kernels import decode_attention, embedding, int8_gemm, rms_norm, sampling, silu_gate
 from duplex_agent.kernels.attention_ref import decode_attention_ref
+from duplex_agent.kernels.dispatch import KERNELS
 
 FP8 = torch.float8_e4m3fn
 # (atol, rtol) of the attention output and of the rotated key written into the cache (one
@@ -57,8 +57,7 @@ class KernelShapes:
     rope_interleaved: bool = True  # RoPE pairs (2i, 2i+1); else (i, i + head_dim/2)
 
     def kernels(self) -> tuple[str, ...]:
-        names = ("decode_attention", "rms_norm", "silu_gate", "embedding", "sampling")
-        return names + (("int8_gemm",) if self.int8 else ())
+        return tuple(k for k in KERNELS if k != "int8_gemm" or self.int8)
 
 
 @dataclass
@@ -66,7 +65,6 @@ class KernelCheck:
     kernel: str
     ok: bool
     problem: str = ""  # the error, or what differed and by how much
-    seconds: float = 0.0
     cases: list[str] = field(default_factory=list)
 
 
@@ -80,7 +78,6 @@ def check_kernels(shapes: KernelShapes, device: torch.device,
     results = []
     for kernel in shapes.kernels() if only is None else only:
         check = KernelCheck(kernel, ok=True)
-        t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(len(results))
         try:
             for label, run in CHECKS[kernel](shapes, device, gen):
@@ -93,7 +90,6 @@ def check_kernels(shapes: KernelShapes, device: torch.device,
             check.ok, check.problem = False, f"{case}: {type(e).__name__}: {str(e).strip()[:400]}"
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        check.seconds = time.perf_counter() - t0
         results.append(check)
     return results
 
@@ -232,8 +228,11 @@ def _sampling_cases(s: KernelShapes, device, gen):
         yield f"[{s.batch}, {vocab}]", lambda vocab=vocab: _sampling(s, device, gen, vocab)
 
 
-def _sampling(s, device, gen, V) -> None:
-    B = s.batch
+def sampling_inputs(B: int, V: int, gen: torch.Generator, device) -> tuple[torch.Tensor, ...]:
+    """Random arguments of the sampling draw (the self-check's and the kernel tests'), drawn
+    from `gen` (a CPU generator) and put on `device`: (logits [B, V], temperatures, top-k
+    thresholds (every third row: the whole vocabulary), seed keys, counters (past 2**32: taken
+    mod 2**32), greedy rows)."""
     logits = torch.randn(B, V, generator=gen) * 3
     temp = 0.3 + torch.rand(B, generator=gen) * 1.5
     k = torch.randint(1, V + 1, (B,), generator=gen)
@@ -242,10 +241,18 @@ def _sampling(s, device, gen, V) -> None:
     seed_key = sampling.mix32(torch.randint(0, 1 << 31, (B,), generator=gen))
     counter = torch.randint(0, 1 << 40, (B,), generator=gen)
     greedy = torch.rand(B, generator=gen) < 0.3
-    args = [t.to(device) for t in (logits, temp, kth, seed_key, counter)] + [1, greedy.to(device)]
+    return tuple(t.to(device) for t in (logits, temp, kth, seed_key, counter, greedy))
+
+
+def _sampling(s, device, gen, V) -> None:
+    logits, temp, kth, seed_key, counter, greedy = sampling_inputs(s.batch, V, gen, device)
+    args = (logits, temp, kth, seed_key, counter, 1, greedy)
     got, want = sampling.sample_triton(*args).cpu(), sampling.sample_ref(*args).cpu()
     if not bool(((got >= 0) & (got < V)).all()):
         raise Mismatch(f"drew ids outside [0, {V})")
+    # The scores on the host, as drawn.
+    logits, temp, seed_key, counter, greedy = (t.cpu() for t in (logits, temp, seed_key, counter,
+                                                                 greedy))
     noise = torch.where(greedy.view(-1, 1), 0.0,
                         sampling.gumbel_noise(sampling.row_keys(seed_key, counter, 1), V))
     score = logits / temp.view(-1, 1) + noise
@@ -284,5 +291,5 @@ def describe_failure(check: KernelCheck) -> str:
     return f"{check.kernel} failed its check on this device ({check.problem})"
 
 
-__all__ = ["KernelShapes", "KernelCheck", "check_kernels", "describe_failure", "ATTENTION_OUT_TOL",
-           "ATTENTION_SLOT_TOL", "FUSED_TOL"]
+__all__ = ["KernelShapes", "KernelCheck", "check_kernels", "describe_failure", "sampling_inputs",
+           "ATTENTION_OUT_TOL", "ATTENTION_SLOT_TOL", "FUSED_TOL", "SAMPLING_TIE"]

@@ -219,13 +219,12 @@ class TwilioClient(MoshiClient):
     Connects and closes as MoshiClient does, `start` standing for the handshake; a refusal (HTTP
     error, or TwiML without a <Stream>: the busy <Say>) raises ConnectionError."""
 
-    PHONE_RATE, CHUNK = 8000, 160  # μ-law bytes per 20 ms
-
     def __init__(self, ws, result: ClientResult, call_sid: str, parameters: dict):
         import secrets
 
-        import soxr
-        from duplex_agent.agent.config import SAMPLE_RATE
+        from duplex_agent.streams.phone.twilio import CHUNK_BYTES, PHONE_FORMAT, PHONE_RATE
+        from duplex_agent.streams.realtime.events import AudioEncoder
+        self._rate, self._chunk_bytes = PHONE_RATE, CHUNK_BYTES  # μ-law: a byte a sample
         self.ws, self.result = ws, result
         self.call_sid, self.parameters = call_sid, parameters
         self.stream_sid = "MZ" + secrets.token_hex(16)
@@ -235,8 +234,7 @@ class TwilioClient(MoshiClient):
         self._sequence = self._chunk = 0
         self._play_end = 0.0  # when the audio received so far will have played
         self._marks: list[tuple[str, asyncio.TimerHandle]] = []  # echoes not sent yet
-        self._down = soxr.ResampleStream(SAMPLE_RATE, self.PHONE_RATE, 1, dtype="float32",
-                                         quality="LQ")
+        self._encoder = AudioEncoder(PHONE_FORMAT)  # 24 -> 8 kHz μ-law, as the server's
         self._pcm = b""
         self._task = asyncio.create_task(self._receive())
 
@@ -251,6 +249,8 @@ class TwilioClient(MoshiClient):
 
         import aiohttp
         from twilio.request_validator import RequestValidator
+
+        from duplex_agent.streams.phone.twilio import MEDIA_FORMAT
         if query:
             url += ("&" if "?" in url else "?") + urlencode(query)
         result = result or ClientResult(0)
@@ -280,7 +280,7 @@ class TwilioClient(MoshiClient):
         await client._send({"event": "start", "start": {
             "accountSid": form["AccountSid"], "streamSid": client.stream_sid, "callSid": call_sid,
             "tracks": ["inbound"], "customParameters": parameters,
-            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})
+            "mediaFormat": MEDIA_FORMAT}})
         client.handshake.set()
         client.result.handshake_ms = round((time.monotonic() - t0) * 1000, 1)
         return client
@@ -294,16 +294,12 @@ class TwilioClient(MoshiClient):
 
     async def send_frame(self, pcm) -> None:
         """One 80 ms frame (24 kHz float32) as four 20 ms μ-law `media` messages, 20 ms apart."""
-        import audioop
-
-        import numpy as np
-        out = self._down.resample_chunk(pcm)
-        self._pcm += audioop.lin2ulaw((np.clip(out, -1, 1) * 32767).astype("<i2").tobytes(), 2)
+        self._pcm += self._encoder.encode_bytes(pcm)
         t0 = time.monotonic()
         for j in range(4):
             await asyncio.sleep(max(0.0, t0 + j * 0.02 - time.monotonic()))
-            chunk, self._pcm = self._pcm[:self.CHUNK], self._pcm[self.CHUNK:]
-            await self._media(chunk.ljust(self.CHUNK, b"\xff"))  # μ-law silence while the resampler fills
+            chunk, self._pcm = self._pcm[:self._chunk_bytes], self._pcm[self._chunk_bytes:]
+            await self._media(chunk.ljust(self._chunk_bytes, b"\xff"))  # μ-law silence while the resampler fills
         self._sent_at.append(time.monotonic())
         self.result.sent_frames += 1
 
@@ -312,7 +308,7 @@ class TwilioClient(MoshiClient):
 
         import aiohttp
         result, loop = self.result, asyncio.get_running_loop()
-        frame = 4 * self.CHUNK
+        frame = 4 * self._chunk_bytes
         async for msg in self.ws:
             if msg.type != aiohttp.WSMsgType.TEXT:
                 continue
@@ -323,7 +319,7 @@ class TwilioClient(MoshiClient):
             elif kind == "media":
                 samples = len(base64.b64decode(event["media"]["payload"]))
                 self._received_samples += samples
-                self._play_end = max(self._play_end, now) + samples / self.PHONE_RATE
+                self._play_end = max(self._play_end, now) + samples / self._rate
                 while result.received_frames * frame < self._received_samples:
                     k = result.received_frames  # output frame k's first sample has come
                     if k < len(self._sent_at):
@@ -350,7 +346,7 @@ class TwilioClient(MoshiClient):
         deadline = time.monotonic() + timeout
         while (self.result.received_frames < self.result.sent_frames and not self.closed
                and time.monotonic() < deadline):
-            await self._media(b"\xff" * self.CHUNK)
+            await self._media(b"\xff" * self._chunk_bytes)
             await asyncio.sleep(0.02)
 
     async def _media(self, ulaw: bytes) -> None:
@@ -611,14 +607,16 @@ def format_report(r: dict) -> str:
     lines += [f"  {e}" for e in r["errors"][:10]]
     realtime = (r.get("server_stats") or {}).get("realtime")
     if r.get("protocol") == "realtime" and realtime:
-        lat = realtime["delta_latency_ms"]
-        lines.append(f"server frame in -> delta out ms: p50 {lat['p50']}  p90 {lat['p90']}  "
-                     f"p99 {lat['p99']}  (n={lat['count']}); responses {realtime['responses']}")
+        lat = realtime.get("delta_latency_ms")  # not in a cluster gateway's sums
+        lines.append((f"server frame in -> delta out ms: p50 {lat['p50']}  p90 {lat['p90']}  "
+                      f"p99 {lat['p99']}  (n={lat['count']}); " if lat else "server: ")
+                     + f"responses {realtime['responses']}")
     phone = (r.get("server_stats") or {}).get("phone")
     if r.get("protocol") == "twilio" and phone:
-        lag = phone["playback_lag_ms"]
-        lines.append(f"server playback lag (mark sent -> echoed) ms: p50 {lag['p50']}  p90 "
-                     f"{lag['p90']}  (n={lag['count']}); cut {phone['cut_ms']} ms")
+        lag = phone.get("playback_lag_ms")  # not in a cluster gateway's sums
+        lines.append((f"server playback lag (mark sent -> echoed) ms: p50 {lag['p50']}  p90 "
+                      f"{lag['p90']}  (n={lag['count']}); " if lag else "server: ")
+                     + f"cut {phone['cut_ms']} ms")
     if r["server"] is not None:
         s = r["server"]
         lines.append(f"server: dropped input {s['dropped_input_frames']:g}, output "

@@ -45,7 +45,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from duplex_agent.agent.api import AgentFull, AudioOut, ConversationClosed, ErrorOut, TextOut
 from duplex_agent.agent.config import SAMPLE_RATE, sampling_from_params
 from duplex_agent.checkpoints.personaplex import PersonaError
-from duplex_agent.streams.security import ConversationTracker, Policy
+from duplex_agent.streams.security import (ConversationTracker, Policy, over_client_limit,
+                                           too_many_message)
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +106,9 @@ class MoshiChat:
         except ValueError as e:
             self._count("bad_requests", refused="bad_input")
             return await _fail(ws, str(e))
-        limit = self.policy.max_per_client
-        if limit and self.tracker.count(client) >= limit:
+        if over_client_limit(self.policy, self.tracker, client):
             self._count("refused_per_client", refused="per_client")
-            return await _fail(ws, f"too many conversations from {client}: at most {limit} "
-                                   "per client")
+            return await _fail(ws, too_many_message(client, self.policy.max_per_client))
         try:
             conv = self.agent.open(sampling, voice_prompt=request.query.get("voice_prompt") or None,
                                    text_prompt=request.query.get("text_prompt") or None)

@@ -8,8 +8,10 @@
           token is set; the page passes its own ?token= on)
       403 Origin not allowed (on /offer and /api/chat, when origins are given)
       413 /offer (or /v1/realtime/calls) body over the size limit
-      429 too many conversations from this client address (/offer, /v1/realtime/calls; the
-          websockets answer with their own error message)
+      429 too many conversations from this client address (/offer, /v1/realtime/calls)
+  The other transports apply the per-client limit themselves (`over_client_limit`): /v1/realtime
+  refuses with an HTTP status before the upgrade (429, as here), /api/chat with a 0x05 message
+  after it, a phone call's webhook with TwiML that says the line is busy.
   The Realtime paths (/v1/realtime, /v1/realtime/calls) take the token and Origin rules too.
   The same middleware attributes each WebRTC conversation to its client, so streams/webrtc.py
   needs no knowledge of these rules.
@@ -36,6 +38,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from duplex_agent.streams.limits import (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONVERSATION_S,
                                          DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_OFFER_BYTES)
+from duplex_agent.streams.phone import STREAM_PATH
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,22 @@ def refusal(status: int, message: str, headers: dict | None = None, **extra) -> 
     return web.json_response({"error": message, **extra}, status=status, headers=headers)
 
 
+def over_client_limit(policy: Policy, tracker, client: str) -> bool:
+    """`client` holds its --max-per-client conversations already (`tracker`: anything that
+    counts a client's conversations, a ConversationTracker or the cluster's gateway)."""
+    limit = policy.max_per_client
+    return bool(limit) and tracker.count(client) >= limit
+
+
+def too_many_message(client: str, limit: int) -> str:
+    return f"too many conversations from {client}: at most {limit} per client"
+
+
+def refuse_per_client(client: str, limit: int, **extra) -> web.Response:
+    """The HTTP answer to a client over its limit: 429 with a JSON reason and the limit."""
+    return refusal(429, too_many_message(client, limit), **extra, limit=limit)
+
+
 def refuse_full(agent):
     """The HTTP answer when every conversation slot is taken: 503 with a JSON reason."""
     return refusal(503, f"server full: all {agent.max_conversations} conversations are in use, "
@@ -139,11 +158,9 @@ def guard_middleware(policy: Policy, tracker: "ConversationTracker", metrics):
         if (request.content_length or 0) > policy.max_offer_bytes:
             return too_big()
         client = request.remote or "unknown"
-        limit = policy.max_per_client
-        if limit and tracker.count(client) >= limit:
+        if over_client_limit(policy, tracker, client):
             metrics.refused("per_client")
-            return refusal(429, f"too many conversations from {client}: at most {limit} per client",
-                           limit=limit)
+            return refuse_per_client(client, policy.max_per_client)
         with tracker.reserve(client):  # the offer's conversation counts while it is negotiated
             try:
                 response = await handler(request)
@@ -299,7 +316,7 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
 
 
 _TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&]*")
-_CREDENTIAL_IN_PATH = re.compile(r"(?<=^/twilio/stream/)[^/?]+")  # a phone call's media stream
+_CREDENTIAL_IN_PATH = re.compile(rf"(?<=^{re.escape(STREAM_PATH)}/)[^/?]+")  # a call's media stream
 
 
 class RedactingAccessLogger(AbstractAccessLogger):

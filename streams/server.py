@@ -36,6 +36,7 @@ from pathlib import Path
 from duplex_agent.streams.limits import (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONVERSATION_S,
                                          DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_OFFER_BYTES,
                                          MAX_REQUEST_LINE_BYTES)
+from duplex_agent.streams.phone import VOICE_PATH
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def add_phone_args(p: argparse.ArgumentParser) -> None:
     """Phone calls over Twilio Media Streams (see `phone_settings_from_args`), shared by `serve`
     and `cluster`."""
     g = p.add_argument_group("phone calls (Twilio Media Streams): the number's webhook is "
-                             "POST PUBLIC_URL/twilio/voice")
+                             f"POST PUBLIC_URL{VOICE_PATH}")
     g.add_argument("--twilio-auth-token", default=os.environ.get("TWILIO_AUTH_TOKEN") or None,
                    help="the Twilio account's auth token, which signs its webhooks (default: "
                         "$TWILIO_AUTH_TOKEN); with --public-url, takes phone calls")
@@ -402,8 +403,8 @@ async def serve(agent, host: str, port: int, policy=None, ssl_context=None,
                      utterance_rule=utterance_rule, phone=phone)
     engine = agent.engine.describe()
     if phone is not None:
-        log.info("taking phone calls: point the Twilio number's webhook at %s/twilio/voice",
-                 phone.public_url)
+        log.info("taking phone calls: point the Twilio number's webhook at %s%s",
+                 phone.public_url, VOICE_PATH)
     await serve_until_signal(app, host, port, ssl_context, lambda url: (
         f"serving on {url} ({agent.max_conversations} conversations max; "
         f"{engine['checkpoint']} on {engine['device']}, {engine['dtype']}, weights "

@@ -279,7 +279,7 @@ class PeerSession:
             elif isinstance(event, ErrorOut):
                 self.send({"type": "error", "message": event.message})
                 await asyncio.sleep(0.5)  # closing aborts the data channel: let the message go first
-        if self.conv.input_ended and self.conv.error is None:  # a translation is complete
+        if self.conv.translation_done:
             self.send({"type": "end"})
             await asyncio.sleep(0.5)  # the message, and the voice's last buffered audio
         await self.close()  # the conversation ended (engine error, translation done, shutdown)

@@ -22,6 +22,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# The test helper modules' assertions explain themselves as the tests' do.
+pytest.register_assert_rewrite("tests.helpers", "tests.moshi_client", "tests.twilio_peer")
+
 
 def pytest_collection_finish(session):
     """What the collected modules imported lives for the whole run: out of the garbage collector's

@@ -1,7 +1,9 @@
-"""Small pieces several test files share: espeak-ng speech, and starting `run_agent.py serve`."""
+"""Small pieces several test files share: espeak-ng speech, a module's Agent, serving an agent on
+a free local port, and starting `run_agent.py serve`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import subprocess
@@ -35,6 +37,37 @@ def espeak_frames(text: str, voice: str, path, frames: int) -> np.ndarray:
     pcm = espeak(text, voice, path, SAMPLE_RATE)
     n = frames * FRAME_SIZE
     return np.pad(pcm, (0, max(0, n - len(pcm))))[:n]
+
+
+def agent_fixture(checkpoint: str = "tiny-random", conversations: int = 2, **load):
+    """A module-scoped fixture: Agent.load(checkpoint, device="cpu", max_conversations=
+    conversations, **load), closed after the module's last test. Assign it to the fixture's name
+    (`agent = agent_fixture(...)`): pytest registers it under that attribute's name."""
+    from duplex_agent.agent.api import Agent  # when the test module is imported, as its own was
+
+    @pytest.fixture(scope="module")
+    def agent():
+        agent = Agent.load(checkpoint, device="cpu", max_conversations=conversations, **load)
+        yield agent
+        agent.close()
+    return agent
+
+
+@contextlib.asynccontextmanager
+async def serving(agent, *, shutdown_timeout: float = 60.0, **app_options):
+    """`serve`'s app (create_app(agent, **app_options)) on a free port of 127.0.0.1; yields its
+    base URL and stops the server on the way out (`shutdown_timeout`: aiohttp's, for the
+    connections still open then)."""
+    from aiohttp import web
+
+    from duplex_agent.streams.server import create_app
+    runner = web.AppRunner(create_app(agent, **app_options), shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 async def start_serve(*args: str, scheme: str = "http"):

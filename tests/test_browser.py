@@ -10,7 +10,6 @@ live page is saved to artifacts/browser.png. Without a browser: plain-HTTP check
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import shutil
 import subprocess
@@ -22,12 +21,11 @@ import aioice.ice
 import numpy as np
 import pytest
 import soundfile
-from aiohttp import web
 
-from duplex_agent.agent.api import Agent
 from duplex_agent.agent.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
-from duplex_agent.streams.server import create_app
 from duplex_agent.streams.webrtc import AgentVoiceTrack
+from tests import helpers
+from tests.helpers import agent_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -46,37 +44,15 @@ def loopback_ice(monkeypatch):
                         lambda use_ipv4=True, use_ipv6=False: ["127.0.0.1"])
 
 
-@pytest.fixture(scope="module")
-def agent():
-    agent = Agent.load("tiny-random", device="cpu", max_conversations=2,
-                       transcriber="tiny-random-stt")
-    yield agent
-    agent.close()
+agent = agent_fixture(conversations=2, transcriber="tiny-random-stt")
+persona_agent = agent_fixture("tiny-random-personaplex", conversations=1)
+translator = agent_fixture("tiny-random-hibiki-zero", conversations=1)
 
 
-@pytest.fixture(scope="module")
-def persona_agent():
-    agent = Agent.load("tiny-random-personaplex", device="cpu", max_conversations=1)
-    yield agent
-    agent.close()
-
-
-@pytest.fixture(scope="module")
-def translator():
-    agent = Agent.load("tiny-random-hibiki-zero", device="cpu", max_conversations=1)
-    yield agent
-    agent.close()
-
-
-@contextlib.asynccontextmanager
-async def serving(agent):
-    runner = web.AppRunner(create_app(agent), shutdown_timeout=2.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    yield f"http://{host}:{port}"
-    await runner.cleanup()
+def serving(agent):
+    """`agent` served on a free local port (yields its base URL); a browser's connections left
+    open get 2 s when it stops."""
+    return helpers.serving(agent, shutdown_timeout=2.0)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import pytest
 from duplex_agent.agent.config import FRAME_SIZE, SAMPLE_RATE
 from duplex_agent.streams.loadtest import ClientResult, MoshiClient
 from tests.helpers import ROOT, espeak_frames
-from tests.test_phone import PUBLIC_URL, TWILIO_TOKEN, TwilioPeer, call_webhook, local, new_call_sid
+from tests.twilio_peer import PUBLIC_URL, TWILIO_TOKEN, TwilioPeer, call_webhook, local, new_call_sid
 
 pytest.importorskip("ray.serve")
 

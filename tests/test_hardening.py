@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from duplex_agent.agent.api import Agent, AudioOut, ErrorOut
+from duplex_agent.agent.api import AudioOut, ErrorOut
 from duplex_agent.agent.config import FRAME_SIZE, SAMPLE_RATE
 from duplex_agent.streams.loadtest import ClientResult, MoshiClient, scrape_metrics
-from tests.helpers import start_serve
+from tests.helpers import agent_fixture, start_serve
 from duplex_agent.streams.security import Policy, RedactingAccessLogger
 from duplex_agent.streams.server import create_app
 
@@ -32,11 +32,7 @@ FRAME_S = FRAME_SIZE / SAMPLE_RATE
 TOKEN = "s3cret-token"
 
 
-@pytest.fixture(scope="module")
-def agent():
-    agent = Agent.load("tiny-random", device="cpu", max_conversations=CAPACITY)
-    yield agent
-    agent.close()
+agent = agent_fixture(conversations=CAPACITY)
 
 
 @pytest.fixture

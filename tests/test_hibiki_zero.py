@@ -294,11 +294,10 @@ async def test_live_translation_over_each_transport(session, tmp_path, monkeypat
     import base64
 
     import aiohttp
-    from aiohttp import web
 
     from duplex_agent.agent.api import Agent
-    from duplex_agent.streams.server import create_app
-    from tests.test_server_ws import Client
+    from tests.helpers import serving
+    from tests.moshi_client import Client
 
     import aioice.ice
     # aioice leaves 127.0.0.1 out of its host candidates; this machine may have nothing else.
@@ -306,63 +305,58 @@ async def test_live_translation_over_each_transport(session, tmp_path, monkeypat
                         lambda use_ipv4=True, use_ipv6=False: ["127.0.0.1"])
     agent = await asyncio.to_thread(Agent.load, "tiny-random-hibiki-zero", device="cpu",
                                     max_conversations=2)
-    runner = web.AppRunner(create_app(agent, static_dir=tmp_path))
     speech = source_speech(seed=12, seconds=1.2)
     try:
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with serving(agent, static_dir=tmp_path) as url:
+            client = await Client.connect(session, url)
+            await client.send_audio(speech, pace=False)
+            await client.ws.send_bytes(b"\x03\x01")
+            await client.wait_closed(timeout=15)
+            assert not client.errors and client.text
+            # The source (15 frames), then the model's lag until EOS: about 2 frames more.
+            assert len(speech) + FRAME_SIZE <= client.samples <= len(speech) + 6 * FRAME_SIZE
 
-        client = await Client.connect(session, url)
-        await client.send_audio(speech, pace=False)
-        await client.ws.send_bytes(b"\x03\x01")
-        await client.wait_closed(timeout=15)
-        assert not client.errors and client.text
-        # The source (15 frames), then the model's lag until EOS: about 2 frames more.
-        assert len(speech) + FRAME_SIZE <= client.samples <= len(speech) + 6 * FRAME_SIZE
+            events = []
+            async with session.ws_connect(url.replace("http", "ws") + "/v1/realtime") as ws:
+                pcm16 = (np.clip(speech, -1, 1) * 32767).astype(np.int16).tobytes()
+                await ws.send_json({"type": "input_audio_buffer.append",
+                                    "audio": base64.b64encode(pcm16).decode()})
+                await ws.send_json({"type": "input_audio_buffer.commit"})
+                async with asyncio.timeout(15):
+                    async for msg in ws:
+                        if msg.type == aiohttp.WSMsgType.TEXT:
+                            events.append(json.loads(msg.data))
+            kinds = [e["type"] for e in events]
+            assert "input_audio_buffer.committed" in kinds and "error" not in kinds, kinds
+            assert "response.output_audio.delta" in kinds
+            assert [e["response"]["status"] for e in events if e["type"] == "response.done"][-1] == \
+                "completed"
+            assert agent.active == 0
 
-        events = []
-        async with session.ws_connect(url.replace("http", "ws") + "/v1/realtime") as ws:
-            pcm16 = (np.clip(speech, -1, 1) * 32767).astype(np.int16).tobytes()
-            await ws.send_json({"type": "input_audio_buffer.append",
-                                "audio": base64.b64encode(pcm16).decode()})
-            await ws.send_json({"type": "input_audio_buffer.commit"})
-            async with asyncio.timeout(15):
-                async for msg in ws:
-                    if msg.type == aiohttp.WSMsgType.TEXT:
-                        events.append(json.loads(msg.data))
-        kinds = [e["type"] for e in events]
-        assert "input_audio_buffer.committed" in kinds and "error" not in kinds, kinds
-        assert "response.output_audio.delta" in kinds
-        assert [e["response"]["status"] for e in events if e["type"] == "response.done"][-1] == \
-            "completed"
-        assert agent.active == 0
-
-        # WebRTC: a Python peer stands in for the page; {"type": "end_of_input"} on its data
-        # channel, {"type": "end"} back once the translation is complete, then the hang-up.
-        from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-        from aiortc.mediastreams import AudioStreamTrack
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        pc.addTrack(AudioStreamTrack())  # silence at real-time rate
-        messages = []
-        channel = pc.createDataChannel("events")
-        channel.on("message", lambda m: messages.append(json.loads(m)["type"]))
-        await pc.setLocalDescription(await pc.createOffer())
-        async with session.post(f"{url}/offer", json={"sdp": pc.localDescription.sdp,
-                                                      "type": "offer"}) as r:
-            answer = await r.json()
-        assert answer["translates"] is True
-        await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
-        try:
-            async with asyncio.timeout(15):
-                while "stats" not in messages:  # the channel is open and the call live
-                    await asyncio.sleep(0.05)
-                channel.send(json.dumps({"type": "end_of_input"}))
-                while agent.active or pc.connectionState != "closed":
-                    await asyncio.sleep(0.05)
-            assert "end" in messages and "error" not in messages, messages
-        finally:
-            await pc.close()
+            # WebRTC: a Python peer stands in for the page; {"type": "end_of_input"} on its data
+            # channel, {"type": "end"} back once the translation is complete, then the hang-up.
+            from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+            from aiortc.mediastreams import AudioStreamTrack
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pc.addTrack(AudioStreamTrack())  # silence at real-time rate
+            messages = []
+            channel = pc.createDataChannel("events")
+            channel.on("message", lambda m: messages.append(json.loads(m)["type"]))
+            await pc.setLocalDescription(await pc.createOffer())
+            async with session.post(f"{url}/offer", json={"sdp": pc.localDescription.sdp,
+                                                          "type": "offer"}) as r:
+                answer = await r.json()
+            assert answer["translates"] is True
+            await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+            try:
+                async with asyncio.timeout(15):
+                    while "stats" not in messages:  # the channel is open and the call live
+                        await asyncio.sleep(0.05)
+                    channel.send(json.dumps({"type": "end_of_input"}))
+                    while agent.active or pc.connectionState != "closed":
+                        await asyncio.sleep(0.05)
+                assert "end" in messages and "error" not in messages, messages
+            finally:
+                await pc.close()
     finally:
-        await runner.cleanup()
         agent.close()

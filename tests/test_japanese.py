@@ -187,7 +187,7 @@ def test_file_mode_transcript(ja_checkpoint, script, scripted_text, tmp_path, ca
 async def test_websocket_text_messages(ja_checkpoint, script, scripted_text, tmp_path, session):
     from duplex_agent.agent.api import Agent
     from duplex_agent.streams.server import create_app
-    from tests.test_server_ws import Client
+    from tests.moshi_client import Client
     frames, expected = script
     agent = Agent.load(str(ja_checkpoint), device="cpu", max_conversations=1)
     runner = web.AppRunner(create_app(agent, static_dir=tmp_path))

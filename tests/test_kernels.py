@@ -28,7 +28,8 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import duplex_agent.kernels.decode_attention as da  # noqa: E402
 from duplex_agent.kernels.attention_ref import decode_attention_ref  # noqa: E402
-from duplex_agent.kernels.selfcheck import ATTENTION_OUT_TOL, ATTENTION_SLOT_TOL  # noqa: E402
+from duplex_agent.kernels.selfcheck import (_BITS, ATTENTION_OUT_TOL,  # noqa: E402
+                                            ATTENTION_SLOT_TOL)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -48,8 +49,6 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id
 # (atol, rtol) for the attention output and for the rotated key written into the cache: the
 # load-time self-check's, so a kernel that passes here passes there.
 OUT_TOL, SLOT_TOL = ATTENTION_OUT_TOL, ATTENTION_SLOT_TOL
-INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
-            torch.float8_e4m3fn: torch.uint8}
 
 
 def fresh_seed() -> int:
@@ -135,7 +134,7 @@ def run_case(B, H, C, D, dtype, positions, exec_mask=None, max_period=10_000.0, 
     atol, rtol = SLOT_TOL[FP8 if fp8 else dtype]
     assert torch.allclose(k_cache[sel].float(), k_ref[sel].float(), atol=atol, rtol=rtol), \
         f"written key differs: {ctx}"
-    bits = INT_VIEW[FP8 if fp8 else dtype]
+    bits = _BITS[(FP8 if fp8 else dtype).itemsize]  # bit for bit, as the self-check compares
     assert torch.equal(v_cache[sel].view(bits), v_ref[sel].view(bits)), f"written value differs: {ctx}"
     assert torch.equal(k_cache[~sel].view(bits), k_before[~sel].view(bits)), f"key cache clobbered: {ctx}"
     assert torch.equal(v_cache[~sel].view(bits), v_before[~sel].view(bits)), f"value cache clobbered: {ctx}"

@@ -9,8 +9,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from duplex_agent.kernels.sampling import (gumbel_noise, mix32, row_keys, sample_ref,  # noqa: E402
-                              sample_triton)
+from duplex_agent.kernels.sampling import (gumbel_noise, row_keys, sample_ref,  # noqa: E402
+                                           sample_triton)
+from duplex_agent.kernels.selfcheck import SAMPLING_TIE, sampling_inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -18,16 +19,10 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 
 
 def case(B, V, seed):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(B, V, generator=g) * 3
-    temp = 0.3 + torch.rand(B, generator=g) * 1.5
-    k = torch.randint(1, V + 1, (B,), generator=g)
-    kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).view(-1, 1)).view(-1)
-    kth[::3] = float("-inf")  # every third row: the whole vocabulary
-    seed_key = mix32(torch.randint(0, 1 << 31, (B,), generator=g))
-    counter = torch.randint(0, 1 << 40, (B,), generator=g)  # past 2**32: taken mod 2**32
-    greedy = torch.rand(B, generator=g) < 0.3
-    return [t.to(DEVICE) for t in (logits, temp, kth, seed_key, counter)], greedy.to(DEVICE)
+    """The self-check's inputs: every third row samples the whole vocabulary, counters pass
+    2**32."""
+    *inputs, greedy = sampling_inputs(B, V, torch.Generator().manual_seed(seed), DEVICE)
+    return inputs, greedy
 
 
 @pytest.mark.parametrize("B,V", [(1, 5), (3, 128), (7, 2048), (4, 5000)])
@@ -47,7 +42,8 @@ def test_matches_reference(B, V, stream):
     score = scaled + noise
     for b in torch.nonzero(got != want).view(-1).tolist():
         a, w = score[b, got[b]].item(), score[b, want[b]].item()
-        assert abs(a - w) <= 1e-5 * max(1.0, abs(w)), f"row {b}: {got[b]} vs {want[b]}, {ctx}"
+        assert abs(a - w) <= SAMPLING_TIE * max(1.0, abs(w)), \
+            f"row {b}: {got[b]} vs {want[b]}, {ctx}"
     assert int((got != want).sum()) <= 1, ctx
 
 

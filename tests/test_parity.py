@@ -170,7 +170,8 @@ def test_hibiki_zero_layout_matches_reference(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     ours = _build_lm(cfg, load_file(str(tmp_path / "model.safetensors")), torch.device("cpu"),
                      torch.float32)
-    assert ours.setup_caches(1) is None and ours.caches[0].k.shape[1] == cfg.num_heads // 2
+    ours.setup_caches(1)
+    assert ours.caches[0].k.shape[1] == cfg.num_heads // 2
     steps = cfg.context + 20
     codes = _user_codes(cfg, steps, seed=5)
     ref_text, ref_audio, ref_frames = _run_reference(ref, codes, use_sampling=False)

@@ -10,7 +10,6 @@ driven by headless Chromium in tests/test_browser.py.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import subprocess
@@ -24,13 +23,11 @@ import pytest
 import soundfile
 import torch
 import yarl
-from aiohttp import web
 
 from duplex_agent.agent.api import Agent
 from duplex_agent.agent.config import FRAME_SIZE, SAMPLE_RATE
-from duplex_agent.streams.server import create_app
-from tests.helpers import espeak_frames, needs_pulse
-from tests.test_server_ws import Client
+from tests.helpers import agent_fixture, espeak_frames, needs_pulse, serving
+from tests.moshi_client import Client
 
 ROOT = Path(__file__).resolve().parents[1]
 VOICES = [f"{kind}{i}.pt" for kind, n in (("NATF", 4), ("NATM", 4), ("VARF", 5), ("VARM", 5))
@@ -43,31 +40,8 @@ ROLE = "Café & 1+1=2?"
 LONG_ROLE = "restaurant library morning garden puzzle restaurant library morning garden puzzle"
 
 
-@pytest.fixture(scope="module")
-def agent():
-    agent = Agent.load("tiny-random-personaplex", device="cpu", max_conversations=2)
-    yield agent
-    agent.close()
-
-
-@pytest.fixture(scope="module")
-def plain_agent():
-    """A checkpoint without persona training."""
-    agent = Agent.load("tiny-random", device="cpu", max_conversations=1)
-    yield agent
-    agent.close()
-
-
-@contextlib.asynccontextmanager
-async def serving(agent, policy=None):
-    """`agent` served on a free local port; yields its base URL."""
-    runner = web.AppRunner(create_app(agent, policy=policy))
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+agent = agent_fixture("tiny-random-personaplex", conversations=2)
+plain_agent = agent_fixture("tiny-random", conversations=1)  # a checkpoint without persona training
 
 
 @pytest.fixture
@@ -125,7 +99,7 @@ async def test_voices_listing(server, plain_server, session):
 async def test_voices_listing_takes_the_token(agent, session):
     """Behind --auth-token like /api/stats; the page passes its ?token= on."""
     from duplex_agent.streams.security import Policy
-    async with serving(agent, Policy(auth_token="s3cret")) as url:
+    async with serving(agent, policy=Policy(auth_token="s3cret")) as url:
         async with session.get(f"{url}/api/voices") as r:
             assert r.status == 401
         async with session.get(f"{url}/api/voices?token=s3cret") as r:

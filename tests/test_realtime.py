@@ -19,15 +19,14 @@ import numpy as np
 import pytest
 import soxr
 import webrtcvad
-from aiohttp import web
 
 from duplex_agent.agent.api import Agent, AudioOut, TextOut
 from duplex_agent.agent.config import FRAME_SIZE, SAMPLE_RATE
 from duplex_agent.streams.realtime.events import (AudioEncoder, UtteranceRule, decode_audio,
                                                   level_dbfs)
 from duplex_agent.streams.security import Policy
-from duplex_agent.streams.server import create_app
-from tests.helpers import espeak, needs_espeak
+from tests import helpers
+from tests.helpers import agent_fixture, espeak, needs_espeak
 
 openai = pytest.importorskip("openai")
 
@@ -40,11 +39,7 @@ MAX_MESSAGE = 64 << 10
 pytestmark = needs_espeak
 
 
-@pytest.fixture(scope="module")
-def agent():
-    agent = Agent.load("tiny-random", device="cpu", max_conversations=CAPACITY)
-    yield agent
-    agent.close()
+agent = agent_fixture(conversations=CAPACITY)
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +114,9 @@ def vad_speech_span(pcm16: np.ndarray) -> tuple[float, float]:
 async def serving(agent, rule, tmp_path):
     """`serve`'s app on a free port of 127.0.0.1; yields its base URL."""
     policy = Policy(auth_token=TOKEN, max_message_bytes=MAX_MESSAGE)
-    runner = web.AppRunner(create_app(agent, static_dir=tmp_path, policy=policy,
-                                      utterance_rule=rule))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with helpers.serving(agent, static_dir=tmp_path, policy=policy,
+                               utterance_rule=rule) as url:
+        yield url
     assert agent.active == 0
 
 
@@ -695,11 +685,7 @@ async def test_time_limits(agent, tmp_path):
     """Idle before the first audio, and the maximum length after it: an error event, then the
     socket closes and the slot is free."""
     policy = Policy(auth_token=TOKEN, idle_timeout_s=0.4, max_conversation_s=0.8)
-    runner = web.AppRunner(create_app(agent, static_dir=tmp_path, policy=policy))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with helpers.serving(agent, static_dir=tmp_path, policy=policy) as url:
         async with aiohttp.ClientSession() as http:
             ws = await raw_connect(http, url)
             assert (await next_event(ws))["type"] == "session.created"
@@ -727,8 +713,6 @@ async def test_time_limits(agent, tmp_path):
                 break
             await asyncio.sleep(0.02)
         assert agent.active == 0
-    finally:
-        await runner.cleanup()
 
 
 async def test_persona_from_session(tmp_path):
@@ -737,13 +721,10 @@ async def test_persona_from_session(tmp_path):
     accepted and leave the checkpoint's, unknown ones are errors; later changes are reported as
     not in effect."""
     persona = Agent.load("tiny-random-personaplex", device="cpu", max_conversations=1)
-    runner = web.AppRunner(create_app(persona, static_dir=tmp_path))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
-        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0
-                                      ).realtime.connect(model="tiny-random-personaplex") as conn:
+        async with helpers.serving(persona, static_dir=tmp_path) as url, openai.AsyncOpenAI(
+                base_url=f"{url}/v1", api_key="-", max_retries=0
+        ).realtime.connect(model="tiny-random-personaplex") as conn:
             assert (await conn.recv()).type == "session.created"
             await conn.session.update(session={"type": "realtime", "audio": {
                 "output": {"voice": "NATX9"}}}, event_id="bad-voice")
@@ -783,7 +764,6 @@ async def test_persona_from_session(tmp_path):
             (conv,) = persona.conversations()
             assert conv.voice_prompt == "NATM1.pt" and conv.text_prompt == "Teach.\nKind."
     finally:
-        await runner.cleanup()
         persona.close()
 
 

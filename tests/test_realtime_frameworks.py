@@ -16,14 +16,11 @@ import aiohttp
 import numpy as np
 import pytest
 import soundfile
-from aiohttp import web
 
-from duplex_agent.agent.api import Agent
 from duplex_agent.agent.config import SAMPLE_RATE
 from duplex_agent.streams.realtime.events import UtteranceRule
 from duplex_agent.streams.security import Policy
-from duplex_agent.streams.server import create_app
-from tests.helpers import ROOT, espeak, needs_espeak
+from tests.helpers import ROOT, agent_fixture, espeak, needs_espeak, serving
 
 CLIENTS_PYTHON = ROOT / ".venv-clients" / "bin" / "python"
 TOKEN = "framework-token"
@@ -35,11 +32,7 @@ pytestmark = [needs_espeak, pytest.mark.skipif(
                                         "bash scripts/setup.sh test builds .venv-clients")]
 
 
-@pytest.fixture(scope="module")
-def agent():
-    agent = Agent.load("tiny-random", device="cpu", max_conversations=2)
-    yield agent
-    agent.close()
+agent = agent_fixture(conversations=2)
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +51,8 @@ def turns(tmp_path_factory) -> tuple[str, str]:
 
 async def run_client(script: str, agent, turns, tmp_path) -> tuple[dict, dict]:
     """(what the client printed, the server's Realtime counters) after one run of `script`."""
-    app = create_app(agent, static_dir=tmp_path, policy=Policy(auth_token=TOKEN),
-                     utterance_rule=RULE)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with serving(agent, static_dir=tmp_path, policy=Policy(auth_token=TOKEN),
+                       utterance_rule=RULE) as url:
         proc = await asyncio.create_subprocess_exec(
             str(CLIENTS_PYTHON), str(ROOT / "tests" / "clients" / script), url, TOKEN, *turns,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -79,8 +67,6 @@ async def run_client(script: str, agent, turns, tmp_path) -> tuple[dict, dict]:
             async with http.get(f"{url}/api/stats",
                                 headers={"Authorization": f"Bearer {TOKEN}"}) as r:
                 counters = (await r.json())["realtime"]
-    finally:
-        await runner.cleanup()
     return json.loads(out.decode().strip().splitlines()[-1]), counters
 
 

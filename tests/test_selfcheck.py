@@ -136,18 +136,14 @@ async def test_stats_and_metrics_say_what_fell_back(triton_here, monkeypatch):
     pytest.importorskip("sphn")  # the serving stack (absent from a bare GPU image)
     pytest.importorskip("aiortc")
     import aiohttp
-    from aiohttp import web
 
     from duplex_agent.agent.api import Agent
-    from duplex_agent.streams.server import create_app, kernels_summary
+    from duplex_agent.streams.server import kernels_summary
+    from tests.helpers import serving
     monkeypatch.setattr(silu_gate, "_silu_gate_kernel", _broken_silu_gate_kernel)
     agent = Agent.load("tiny-random", device=DEVICE, max_conversations=1)
-    runner = web.AppRunner(create_app(agent))
     try:
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        async with aiohttp.ClientSession() as session:
+        async with serving(agent) as base, aiohttp.ClientSession() as session:
             async with session.get(f"{base}/api/stats") as r:
                 kernels = (await r.json())["engine"]["kernels"]
             async with session.get(f"{base}/metrics") as r:
@@ -158,7 +154,6 @@ async def test_stats_and_metrics_say_what_fell_back(triton_here, monkeypatch):
         assert 'duplex_kernel_path{kernel="sampling",path="triton"} 1.0' in metrics
         assert kernels_summary(kernels) == "triton (torch: silu_gate)"
     finally:
-        await runner.cleanup()
         agent.close()
 
 
@@ -167,8 +162,20 @@ def test_nothing_is_checked_where_nothing_runs_triton(monkeypatch):
     monkeypatch.delenv("AGENT_KERNELS", raising=False)
     dispatch.forget_fallbacks()
     engine = Engine(load_checkpoint("tiny-random", "cpu"), 1)
-    monkeypatch.setattr(selfcheck, "CHECKS", {})  # any check would now raise KeyError
+    # A check that ran would now fail (KeyError, caught into a failed check) and fall back.
+    monkeypatch.setattr(selfcheck, "CHECKS", {})
+    selections = []
+    check_kernels = selfcheck.check_kernels
+
+    def recording_check_kernels(shapes, device, only=None):
+        selections.append(only)
+        return check_kernels(shapes, device, only)
+
+    # Engine.check_kernels looks the function up on the module at call time.
+    monkeypatch.setattr(selfcheck, "check_kernels", recording_check_kernels)
     engine.warm_up()
-    assert engine.describe()["kernels"]["rms_norm"] == {"path": "torch"}
-    [shapes] = engine.kernel_shapes()
-    assert selfcheck.check_kernels(shapes, engine.device, only=()) == []
+    assert selections, "warm-up did not reach the kernel self-check"
+    assert all(only is not None and len(only) == 0 for only in selections), selections
+    kernels = engine.describe()["kernels"]
+    assert kernels["rms_norm"] == {"path": "torch"}
+    assert kernels and all(path == {"path": "torch"} for path in kernels.values()), kernels

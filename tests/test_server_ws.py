@@ -8,29 +8,21 @@ import asyncio
 import json
 import signal
 import sys
-import time
 
 import aiohttp
 import numpy as np
 import pytest
-import sphn
-from aiohttp import web
 
-from duplex_agent.agent.api import Agent
 from duplex_agent.agent.config import FRAME_SIZE, SAMPLE_RATE
 from duplex_agent.streams.security import refuse_full
 from duplex_agent.streams.server import create_app
-from tests.helpers import espeak_frames, start_serve
+from tests.helpers import agent_fixture, espeak_frames, serving, start_serve
+from tests.moshi_client import Client
 
 CAPACITY = 3
-FRAME_S = FRAME_SIZE / SAMPLE_RATE
 
 
-@pytest.fixture(scope="module")
-def agent():
-    agent = Agent.load("tiny-random", device="cpu", max_conversations=CAPACITY)
-    yield agent
-    agent.close()
+agent = agent_fixture(conversations=CAPACITY)
 
 
 @pytest.fixture(scope="module")
@@ -45,78 +37,9 @@ def speech(tmp_path_factory) -> np.ndarray:
 async def server(agent, tmp_path):
     """Base URL of a live server whose static folder is the (empty) tmp_path. On teardown, every
     conversation slot must have been freed."""
-    runner = web.AppRunner(create_app(agent, static_dir=tmp_path))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with serving(agent, static_dir=tmp_path) as url:
+        yield url
     assert agent.active == 0
-
-
-class Client:
-    """A moshi-protocol client: sends Ogg/Opus, records everything the server sends."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse):
-        self.ws = ws
-        self.writer = sphn.OpusStreamWriter(SAMPLE_RATE)
-        self.reader = sphn.OpusStreamReader(SAMPLE_RATE)
-        self.messages: list[bytes] = []
-        self.pcm: list[np.ndarray] = []
-        self.text: list[str] = []
-        self.errors: list[str] = []
-        self.non_binary = 0
-        self._task = asyncio.create_task(self._receive())
-
-    @classmethod
-    async def connect(cls, session, url: str, **query) -> "Client":
-        return cls(await session.ws_connect(f"{url}/api/chat", params=query))
-
-    async def _receive(self) -> None:
-        async for msg in self.ws:
-            if msg.type != aiohttp.WSMsgType.BINARY:
-                self.non_binary += 1
-                continue
-            self.messages.append(msg.data)
-            kind, payload = msg.data[0], msg.data[1:]
-            if kind == 1:
-                self.pcm.append(self.reader.append_bytes(payload))
-            elif kind == 2:
-                self.text.append(payload.decode())
-            elif kind == 5:
-                self.errors.append(payload.decode())
-
-    @property
-    def kinds(self) -> list[int]:
-        return [m[0] for m in self.messages]
-
-    @property
-    def samples(self) -> int:
-        return sum(len(p) for p in self.pcm)
-
-    @property
-    def closed(self) -> bool:
-        return self._task.done()
-
-    async def send_audio(self, pcm: np.ndarray, pace: bool = True) -> None:
-        """80 ms Opus packets, one per message; paced in real time unless told otherwise."""
-        for i in range(0, len(pcm), FRAME_SIZE):
-            await self.ws.send_bytes(b"\x01" + self.writer.append_pcm(pcm[i:i + FRAME_SIZE]))
-            if pace:
-                await asyncio.sleep(FRAME_S)
-
-    async def wait_for(self, condition, timeout: float = 10.0) -> bool:
-        """Wait until condition() holds, the socket closes or the time is up; returns condition()."""
-        deadline = time.monotonic() + timeout
-        while not condition() and not self.closed and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        return bool(condition())
-
-    async def wait_closed(self, timeout: float = 5.0) -> None:
-        await asyncio.wait_for(asyncio.shield(self._task), timeout)
-
-    async def close(self) -> None:
-        await self.ws.close()
-        await self._task
 
 
 async def get_stats(session, url: str) -> dict:

@@ -27,7 +27,7 @@ from duplex_agent.agent.turns import PauseDetector, TurnTaking
 from duplex_agent.checkpoints.loader import CheckpointError, load_checkpoint, load_transcriber
 from duplex_agent.checkpoints.stt import write_tiny_stt_dir
 from duplex_agent.checkpoints.tiny_random import build_tiny_tokenizer, synthetic_audio
-from tests.helpers import ROOT, espeak_frames
+from tests.helpers import ROOT, agent_fixture, espeak_frames
 
 SPEECH = "Hello, can you hear me? The weather is lovely today."
 FRAMES = 40  # 3.2 s
@@ -382,13 +382,7 @@ def test_capacity_counts_the_transcriber():
 
 # -- Realtime, stats, metrics ----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def stt_agent():
-    from duplex_agent.agent.api import Agent
-    agent = Agent.load("tiny-random", device="cpu", max_conversations=2,
-                       transcriber="tiny-random-stt")
-    yield agent
-    agent.close()
+stt_agent = agent_fixture(conversations=2, transcriber="tiny-random-stt")
 
 
 async def test_realtime_transcripts_equal_file_mode(stt_agent, tmp_path, session):
@@ -400,12 +394,10 @@ async def test_realtime_transcripts_equal_file_mode(stt_agent, tmp_path, session
     import time
 
     openai = pytest.importorskip("openai")
-    from aiohttp import web
 
     from duplex_agent.agent.offline import converse
     from duplex_agent.streams.realtime.transcripts import GRACE_S
-    from duplex_agent.streams.server import create_app
-    from tests.helpers import espeak
+    from tests.helpers import espeak, serving
     pcm = espeak("Hello there. I would like to book a table for two.", "en-us",
                  tmp_path / "s.wav", SAMPLE_RATE)
     tail = np.zeros(int(2.6 * SAMPLE_RATE), np.float32)  # the last item's words settle
@@ -415,12 +407,8 @@ async def test_realtime_transcripts_equal_file_mode(stt_agent, tmp_path, session
     file_engine = Engine(load_checkpoint("tiny-random", "cpu", transcriber="tiny-random-stt"), 1)
     _, offline = converse(file_engine, heard)
 
-    runner = web.AppRunner(create_app(stt_agent, static_dir=tmp_path))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     events = []
-    try:
+    async with serving(stt_agent, static_dir=tmp_path) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
         async with client.realtime.connect(model="tiny-random") as conn:
             await conn.session.update(session={"type": "realtime", "audio": {"input": {
@@ -445,8 +433,6 @@ async def test_realtime_transcripts_equal_file_mode(stt_agent, tmp_path, session
             async with session.get(f"{url}/metrics") as r:
                 metrics = await r.text()
             reader.cancel()
-    finally:
-        await runner.cleanup()
 
     assert not [e for e in events if e.type == "error"]
     updated = next(e for e in events if e.type == "session.updated")

@@ -232,7 +232,8 @@ class Gateway:
         from aiohttp import web
 
         from duplex_agent.streams.moshi_ws import HEARTBEAT_S
-        from duplex_agent.streams.security import refusal, refuse_full
+        from duplex_agent.streams.security import (over_client_limit, refusal, refuse_full,
+                                                   too_many_message)
         protocol = "moshi" if request.path == "/api/chat" else "realtime"
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
                      if p.strip()]
@@ -251,10 +252,10 @@ class Gateway:
             return ws
 
         client = request.remote or "unknown"
-        limit = self.policy.max_per_client
-        if limit and self.count(client) >= limit:
-            return await refuse("per_client", "rate_limit_exceeded", f"too many conversations "
-                                f"from {client}: at most {limit} per client", 429, limit=limit)
+        if over_client_limit(self.policy, self, client):
+            limit = self.policy.max_per_client
+            return await refuse("per_client", "rate_limit_exceeded",
+                                too_many_message(client, limit), 429, limit=limit)
         try:
             hold = await self.reserve_slot(client, "websocket")
         except ClusterFull:
@@ -352,9 +353,9 @@ class Gateway:
         import xml.etree.ElementTree as ElementTree
         from aiohttp import web
 
-        from duplex_agent.streams.phone.webhook import (BUSY_MESSAGE, say_and_hang_up,
+        from duplex_agent.streams.phone.webhook import (BUSY_MESSAGE, caller_id, say_and_hang_up,
                                                         signature_valid)
-        from duplex_agent.streams.security import refusal
+        from duplex_agent.streams.security import over_client_limit, refusal
         from twilio.request_validator import SIGNATURE_HEADER, SIGNATURE_SETTINGS_HEADER
         form = await request.post()
         if not signature_valid(self.phone, request, form):
@@ -362,9 +363,8 @@ class Gateway:
             self.metrics.refused("auth")
             return refusal(403, f"invalid X-Twilio-Signature for {self.phone.signed_url(request)}")
         self._forget_phone_streams()
-        client = f"tel:{form.get('From') or 'unknown'}"
-        limit = self.policy.max_per_client
-        if limit and self.count(client) >= limit:
+        client = caller_id(form)
+        if over_client_limit(self.policy, self, client):
             self.counters["phone_refused_per_client"] += 1
             self.metrics.refused("per_client")
             return say_and_hang_up(BUSY_MESSAGE)
@@ -530,31 +530,24 @@ class Gateway:
         websocket["refused_full"] += self.counters["refused_full"]
         websocket["refused_per_client"] += self.counters["refused_per_client"]
         websocket["connections"] += self.counters["refused_full"] + self.counters["refused_per_client"]
-        realtime = Counter()
-        for _, s in up:
-            realtime.update({k: v for k, v in s.get("realtime", {}).items()
-                             if isinstance(v, (int, float))})
-        phone = Counter()
-        for _, s in up:
-            phone.update({k: v for k, v in s.get("phone", {}).items() if isinstance(v, (int, float))})
+        realtime, phone = _numbers_summed(up, "realtime"), _numbers_summed(up, "phone")
         for name in ("bad_signatures", "refused_full", "refused_per_client", "bad_credentials"):
             phone[name] += self.counters[f"phone_{name}"]
         engines = [s["engine"] for _, s in up]
         engine = {}
         if engines:
+            def slowest(key: str):  # the slowest replica's figure: what its conversations live with
+                return max(e.get(key) or 0 for e in engines)
+
             engine = {**engines[0],
                       "ticks": sum(e["ticks"] for e in engines),
                       "failed_ticks": sum(e["failed_ticks"] for e in engines),
-                      # the slowest replica's figures: what its conversations live with
-                      "tick_ms_p50": max((e["tick_ms_p50"] or 0 for e in engines), default=None),
-                      "tick_ms_p99": max((e["tick_ms_p99"] or 0 for e in engines), default=None),
-                      "batch_size_max": max((e["batch_size_max"] or 0 for e in engines),
-                                            default=None),
+                      "tick_ms_p50": slowest("tick_ms_p50"),
+                      "tick_ms_p99": slowest("tick_ms_p99"),
+                      "batch_size_max": slowest("batch_size_max"),
                       "user_words": sum(e.get("user_words", 0) for e in engines),
-                      "transcriber_step_ms_p50": max(
-                          (e.get("transcriber_step_ms_p50") or 0 for e in engines), default=None),
-                      "transcriber_step_ms_p99": max(
-                          (e.get("transcriber_step_ms_p99") or 0 for e in engines), default=None)}
+                      "transcriber_step_ms_p50": slowest("transcriber_step_ms_p50"),
+                      "transcriber_step_ms_p99": slowest("transcriber_step_ms_p99")}
             engine.pop("batch_size_mean", None)
         return {
             "active": sum(s["active"] for _, s in up),
@@ -593,6 +586,15 @@ async def _ws_error(ws, protocol: str, code: str, message: str) -> None:
             await ws.send_bytes(KIND_ERROR + message.encode())
         elif protocol == "realtime":
             await ws.send_str(json.dumps(error_event(code, message)))
+
+
+def _numbers_summed(stats: list[tuple[str, dict]], section: str) -> Counter:
+    """The numeric fields of one section of the replicas' /api/stats, summed (figures that are
+    not numbers, such as latency summaries, are left out)."""
+    total = Counter()
+    for _, s in stats:
+        total.update({k: v for k, v in s.get(section, {}).items() if isinstance(v, (int, float))})
+    return total
 
 
 def merge_metrics(texts: list[str], running_replicas: int) -> bytes:

@@ -8,9 +8,11 @@ before it has played, and `stop`. We send `media` (the agent's voice, μ-law 8 k
 message), `mark`, and `clear` (Twilio drops the audio it holds and echoes the pending marks).
 
 - The conversation was opened by the call's webhook (streams/phone/webhook.py); `start` must name
-  the same call. The caller's μ-law is decoded by audioop and resampled to 24 kHz by libsoxr.
-- The agent's 80 ms frames are resampled to 8 kHz (libsoxr), μ-law encoded (audioop) and sent as
-  20 ms `media`, paced in real time (`Playout`): Twilio then holds little, so what the caller
+  the same call. The caller's μ-law is decoded by audioop (`decode_audio`, as the Realtime API's
+  audio/pcmu) and resampled to 24 kHz by libsoxr.
+- The agent's 80 ms frames are resampled to 8 kHz (libsoxr) and μ-law encoded (audioop) by the
+  Realtime API's audio/pcmu `AudioEncoder` (streams/realtime/events.py), and sent as 20 ms
+  `media`, paced in real time (`Playout`): Twilio then holds little, so what the caller
   hears stays close to what the model says now. A mark every half second measures when the caller
   has heard it (our send -> Twilio's echo: the playback lag).
 - Both resamplers are libsoxr's "LQ" streams, the lowest quality that still filters (its
@@ -26,9 +28,7 @@ message), `mark`, and `clear` (Twilio drops the audio it holds and echoes the pe
 from __future__ import annotations
 
 import asyncio
-import audioop  # G.711; Python >= 3.13 gets it from the audioop-lts package
 import base64
-import binascii
 import json
 import logging
 import time
@@ -41,9 +41,11 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from duplex_agent.agent.api import AudioOut, ConversationClosed, ErrorOut, percentile
 from duplex_agent.agent.config import SAMPLE_RATE
+from duplex_agent.streams.realtime.events import AudioEncoder, ProtocolError, decode_audio
 
 log = logging.getLogger(__name__)
 
+PHONE_FORMAT = "audio/pcmu"  # G.711 μ-law, in streams/realtime/events.py's names
 PHONE_RATE = 8000
 CHUNK_BYTES = 160  # 20 ms of μ-law at 8 kHz: one `media` message each way
 CHUNK_S = CHUNK_BYTES / PHONE_RATE
@@ -109,8 +111,7 @@ class Playout:
         self.stream_sid, self._send, self.stats = stream_sid, send, stats
         self._on_cut, self._on_clear, self._on_sent = on_cut, on_clear, on_sent
         self._max_chunks = max(1, max_queued_ms * PHONE_RATE // 1000 // CHUNK_BYTES)
-        self._resampler = soxr.ResampleStream(SAMPLE_RATE, PHONE_RATE, 1, dtype="float32",
-                                              quality="LQ")
+        self._encoder = AudioEncoder(PHONE_FORMAT)  # 24 -> 8 kHz (libsoxr "LQ"), μ-law
         self._partial = b""
         self._chunks: deque[tuple[bytes, float | None]] = deque()  # (μ-law, t_in of a frame's start)
         self._ready = asyncio.Event()
@@ -120,8 +121,7 @@ class Playout:
 
     def feed(self, pcm: np.ndarray, t_in: float | None = None) -> None:
         """Queue one agent frame (float32, 24 kHz); `t_in` tags its first chunk for the latency."""
-        out = self._resampler.resample_chunk(pcm)
-        raw = audioop.lin2ulaw((np.clip(out, -1.0, 1.0) * 32767).astype("<i2").tobytes(), 2)
+        raw = self._encoder.encode_bytes(pcm)
         tag_at = len(self._partial)  # where this frame's audio starts in the next chunk
         data = self._partial + raw
         n = len(data) // CHUNK_BYTES
@@ -209,14 +209,13 @@ class TwilioCall:
 
     def __init__(self, endpoint, pending, ws: web.WebSocketResponse):
         self.endpoint, self.ws = endpoint, ws
-        self.conv, self.call_sid, self.client = pending.conv, pending.call_sid, pending.client
+        self.conv, self.call_sid = pending.conv, pending.call_sid
         self.stats = CallStats(self.call_sid, self.conv.id)
         self.playout: Playout | None = None
         self._tasks: list[asyncio.Task] = []
         self._last_chunk: int | None = None
         self._upsampler = soxr.ResampleStream(PHONE_RATE, SAMPLE_RATE, 1, dtype="float32",
                                               quality="LQ")
-        self._send_lock = asyncio.Lock()
 
     async def run(self) -> str | None:
         """Until `stop`, a close or the conversation's end; returns the end reason to record
@@ -235,8 +234,8 @@ class TwilioCall:
         return reason
 
     async def send(self, message: dict) -> None:
-        async with self._send_lock:
-            await self.ws.send_str(json.dumps(message))
+        """To Twilio; the playout's task is the only sender."""
+        await self.ws.send_str(json.dumps(message))
 
     # -- from Twilio -----------------------------------------------------------------------------
     async def _receive(self) -> str | None:
@@ -311,28 +310,26 @@ class TwilioCall:
 
     def _on_media(self, event: dict) -> None:
         media = event.get("media")
-        payload = media.get("payload") if isinstance(media, dict) else None
-        try:
-            raw = base64.b64decode(payload, validate=True) if isinstance(payload, str) else None
-        except (binascii.Error, ValueError):
-            raw = None
-        if raw is None:
+        try:  # μ-law: a sample per byte
+            pcm, _ = decode_audio(media.get("payload") if isinstance(media, dict) else None,
+                                  PHONE_FORMAT)
+        except ProtocolError:
             self._bad("media without base64 audio", "bad_media", "bad_audio")
             return
         if media.get("track", "inbound") != "inbound":
             self.endpoint.count("other_tracks")  # <Start><Stream> of both tracks: not the caller
             return
-        ms = len(raw) * 1000 / PHONE_RATE
+        ms = len(pcm) * 1000 / PHONE_RATE
         if self.playout is None or self.conv.closed:
             self._bad("media before start", "media_before_start")
             self._unheard(ms)
             return
-        if len(raw) != CHUNK_BYTES:
+        if len(pcm) != CHUNK_BYTES:
             self.endpoint.count("odd_media")  # still μ-law, byte for byte: heard all the same
         self._count_gap(media.get("chunk"))
-        pcm = np.frombuffer(audioop.ulaw2lin(raw, 2), dtype="<i2").astype(np.float32) / 32768
         try:
-            self.conv.push(self._upsampler.resample_chunk(pcm), SAMPLE_RATE)
+            self.conv.push(self._upsampler.resample_chunk(pcm.astype(np.float32) / 32768),
+                           SAMPLE_RATE)
         except ConversationClosed:
             self._unheard(ms)
             return

@@ -35,13 +35,12 @@ from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from duplex_agent.agent.api import AgentFull, percentile
 from duplex_agent.checkpoints.personaplex import PersonaError
+from duplex_agent.streams.phone import STREAM_PATH, VOICE_PATH
 from duplex_agent.streams.phone.twilio import HEARTBEAT_S, TwilioCall
-from duplex_agent.streams.security import refusal
+from duplex_agent.streams.security import over_client_limit, refusal
 
 log = logging.getLogger(__name__)
 
-VOICE_PATH = "/twilio/voice"
-STREAM_PATH = "/twilio/stream"
 DEFAULT_CONNECT_TIMEOUT_S = 15.0  # Twilio connects the stream within a second or two
 BUSY_MESSAGE = "Sorry, all our lines are busy. Please call again later."
 BROKEN_MESSAGE = "Sorry, this line cannot take calls right now."
@@ -72,6 +71,11 @@ class PhoneSettings:
         parts = urlsplit(self.public_url)
         scheme = "wss" if parts.scheme == "https" else "ws"
         return urlunsplit((scheme, parts.netloc, f"{parts.path}{STREAM_PATH}/{credential}", "", ""))
+
+
+def caller_id(form) -> str:
+    """The client address a call counts against --max-per-client: the caller's number."""
+    return f"tel:{form.get('From') or 'unknown'}"
 
 
 def signature_valid(settings: PhoneSettings, request: web.Request, form) -> bool:
@@ -107,7 +111,6 @@ class PendingCall:
     """A call whose webhook opened its conversation and whose stream has not come yet."""
     call_sid: str
     conv: object
-    client: str
     expires: float  # time.monotonic()
 
 
@@ -194,9 +197,8 @@ class PhoneEndpoint:
             self.metrics.refused("bad_input")
             return refusal(400, "the webhook has no CallSid")
         self._expire()
-        client = f"tel:{form.get('From') or 'unknown'}"
-        limit = self.policy.max_per_client
-        if limit and self.tracker.count(client) >= limit:
+        client = caller_id(form)
+        if over_client_limit(self.policy, self.tracker, client):
             self.count("refused_per_client")
             self.metrics.refused("per_client")
             return say_and_hang_up(BUSY_MESSAGE)
@@ -215,7 +217,7 @@ class PhoneEndpoint:
             return say_and_hang_up(BROKEN_MESSAGE)
         self.tracker.claim(conv, client, "phone")
         credential = secrets.token_urlsafe(24)
-        self._pending[credential] = PendingCall(call_sid, conv, client,
+        self._pending[credential] = PendingCall(call_sid, conv,
                                                 time.monotonic() + self.settings.connect_timeout_s)
         asyncio.get_running_loop().call_later(self.settings.connect_timeout_s + 0.1, self._expire)
         request["conversation"] = conv  # a cluster replica follows it (streams/cluster/replica.py)

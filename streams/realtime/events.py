@@ -135,9 +135,8 @@ class SessionConfig:
                      "instructions must be a string", param)
             new.instructions = value or None
         elif key == "tools":
-            _require(value is None or isinstance(value, list) and all(
-                isinstance(t, dict) for t in value), "invalid_type",
-                "tools must be a list of tool objects", param)
+            _require(_list_of(value, dict), "invalid_type", "tools must be a list of tool objects",
+                     param)
             if value:
                 ignore(param, "the model speaks and listens; it calls no tools")
         elif key == "tool_choice":
@@ -147,7 +146,7 @@ class SessionConfig:
             if value not in (None, "auto", "none"):
                 ignore(param, "the model calls no tools")
         elif key == "max_output_tokens":
-            _require(value in (None, "inf") or _is_int(value) and 1 <= value <= 4096,
+            _require(value in (None, "inf") or is_int(value) and 1 <= value <= 4096,
                      "invalid_value", "max_output_tokens must be an integer in [1, 4096] or "
                      "'inf'", param)
             if value not in (None, "inf"):
@@ -163,9 +162,8 @@ class SessionConfig:
             if value != "auto":
                 ignore(param, "the engine keeps the conversation's latest context window")
         elif key == "include":
-            _require(value is None or isinstance(value, list) and all(
-                isinstance(v, str) for v in value), "invalid_type",
-                "include must be a list of strings", param)
+            _require(_list_of(value, str), "invalid_type", "include must be a list of strings",
+                     param)
             if value:
                 ignore(param, "there are no transcription log-probabilities to include")
         elif key in ("prompt", "reasoning"):
@@ -197,8 +195,14 @@ def _require(ok, code: str, message: str, param: str) -> None:
         raise ProtocolError(code, message, param)
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """A JSON integer (not a bool)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _list_of(value, kind: type) -> bool:
+    """Null, or a list whose every element is a `kind`."""
+    return value is None or isinstance(value, list) and all(isinstance(v, kind) for v in value)
 
 
 def _is_number(value) -> bool:
@@ -296,13 +300,13 @@ def parse_turn_detection(value, param: str, ignore, semantic: bool = False) -> d
         sub = f"{param}.{key}"
         _require(key in known, "unknown_parameter", f"unknown turn_detection field {key!r}", sub)
         if key in ("prefix_padding_ms", "silence_duration_ms"):
-            _require(_is_int(v) and 0 <= v <= 10_000, "invalid_value",
+            _require(is_int(v) and 0 <= v <= 10_000, "invalid_value",
                      f"{key} must be an integer in [0, 10000]", sub)
         elif key == "threshold":
             _require(_is_number(v) and 0 <= v <= 1, "invalid_value",
                      "threshold must be a number in [0, 1]", sub)
         elif key == "idle_timeout_ms":
-            _require(v is None or _is_int(v) and v >= 0, "invalid_value",
+            _require(v is None or is_int(v) and v >= 0, "invalid_value",
                      "idle_timeout_ms must be null or a whole number of milliseconds", sub)
         elif key in ("create_response", "interrupt_response"):
             _require(isinstance(v, bool), "invalid_type", f"{key} must be true or false", sub)
@@ -331,16 +335,18 @@ def parse_turn_detection(value, param: str, ignore, semantic: bool = False) -> d
 
 
 def vad_timing(turn_detection: dict) -> tuple[float, float]:
-    """(silence that ends speech, padding before its start), in seconds. semantic_vad has no
-    such settings: it gets server_vad's defaults."""
-    return (turn_detection.get("silence_duration_ms", 500) / 1000,
-            turn_detection.get("prefix_padding_ms", 300) / 1000)
+    """(silence that ends speech, padding before its start), in seconds, of a turn_detection in
+    effect (`parse_turn_detection`'s, or the default): it always holds both, semantic_vad
+    server_vad's defaults."""
+    return (turn_detection["silence_duration_ms"] / 1000,
+            turn_detection["prefix_padding_ms"] / 1000)
 
 
 # -- audio -----------------------------------------------------------------------------------------
 
 def decode_audio(payload, kind: str) -> tuple[np.ndarray, int]:
-    """A base64 `input_audio_buffer.append` payload -> (int16 samples, rate)."""
+    """A base64 `input_audio_buffer.append` payload (or a phone call's `media` payload, as
+    "audio/pcmu") -> (int16 samples, rate)."""
     if not isinstance(payload, str):
         raise ProtocolError("invalid_type", "audio must be a base64 string", "audio")
     try:
@@ -357,8 +363,9 @@ def decode_audio(payload, kind: str) -> tuple[np.ndarray, int]:
 
 
 class AudioEncoder:
-    """The agent's 24 kHz float32 frames -> base64 deltas in the session's output format; G.711
-    is resampled to 8 kHz with libsoxr, keeping its filter state across frames. Low quality (plenty
+    """The agent's 24 kHz float32 frames -> audio in an output format: `encode` gives base64
+    deltas, `encode_bytes` the bytes (a phone call's μ-law, streams/phone/twilio.py). G.711 is
+    resampled to 8 kHz with libsoxr, keeping its filter state across frames. Low quality (plenty
     for G.711's telephone band): its stream holds back about 20 ms, "HQ" about 55 ms."""
 
     def __init__(self, kind: str):
@@ -367,13 +374,16 @@ class AudioEncoder:
         self._resampler = None if rate == SAMPLE_RATE else soxr.ResampleStream(
             SAMPLE_RATE, rate, 1, dtype="float32", quality="LQ")
 
-    def encode(self, pcm: np.ndarray) -> str:
+    def encode_bytes(self, pcm: np.ndarray) -> bytes:
+        """One frame in the output format, as bytes (16-bit PCM, or G.711 at 8 kHz)."""
         if self._resampler is not None:
             pcm = self._resampler.resample_chunk(pcm)
         raw = (np.clip(pcm, -1.0, 1.0) * 32767).astype("<i2").tobytes()
-        if self._encode is not None:
-            raw = self._encode(raw, 2)
-        return base64.b64encode(raw).decode("ascii")
+        return self._encode(raw, 2) if self._encode is not None else raw
+
+    def encode(self, pcm: np.ndarray) -> str:
+        """One frame as a base64 delta."""
+        return base64.b64encode(self.encode_bytes(pcm)).decode("ascii")
 
 
 def level_dbfs(pcm: np.ndarray) -> float:

@@ -56,10 +56,11 @@ from duplex_agent.streams.realtime.events import (BUILTIN_VOICES, AudioEncoder,
                                                   ConversationItems, ProtocolError, Response,
                                                   SessionConfig, UtteranceRule, Utterances,
                                                   client_item, decode_audio, error_event,
-                                                  item_text, new_id, user_audio_item,
+                                                  is_int, item_text, new_id, user_audio_item,
                                                   user_item_events, vad_timing)
 from duplex_agent.streams.realtime.transcripts import InputTranscripts
-from duplex_agent.streams.security import refusal, refuse_full
+from duplex_agent.streams.security import (over_client_limit, refusal, refuse_full,
+                                           refuse_per_client, too_many_message)
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,8 @@ class RealtimeSession:
     # -- events out ------------------------------------------------------------------------------
     async def emit(self, *events: dict) -> None:
         """Send in order; every producer builds its events before awaiting, so order is kept."""
+        if not events:  # most agent frames (silence between responses) have none
+            return
         async with self._lock:
             for event in events:
                 event.setdefault("event_id", new_id("event"))
@@ -378,7 +381,7 @@ class RealtimeSession:
             raise ProtocolError("invalid_value", "an agent item has one content part, index 0",
                                 "content_index")
         end_ms = event.get("audio_end_ms")
-        if not (isinstance(end_ms, int) and not isinstance(end_ms, bool) and end_ms >= 0):
+        if not (is_int(end_ms) and end_ms >= 0):
             raise ProtocolError("invalid_value", "audio_end_ms must be a whole number of "
                                 "milliseconds, 0 or more", "audio_end_ms")
         events = self._cancel_response() if speech is self.response else []
@@ -567,7 +570,7 @@ class RealtimeSession:
                     if self.response is not None else []
                 await self.emit(*events, error_event(code, event.message, kind="server_error"))
                 await self.finish()
-        if conv.input_ended and conv.error is None:  # a translation completed: the session too
+        if conv.translation_done:  # the session ends with it
             await self.emit(*(self._response_end("completed") if self.response else []))
             await self.finish()
 
@@ -698,12 +701,13 @@ class RealtimeEndpoint:
             self.metrics.refused("bad_input")
             return _refused(400, "this server speaks the GA Realtime protocol, not the beta "
                                  "(drop the 'OpenAI-Beta: realtime=v1' header)", "unsupported")
-        limit = self.policy.max_per_client
-        if limit and self.tracker.count(request.remote or "unknown") >= limit:
+        client = request.remote or "unknown"
+        if over_client_limit(self.policy, self.tracker, client):
             self.counters.refused_per_client += 1
             self.metrics.refused("per_client")
-            return _refused(429, f"too many conversations from {request.remote}: at most "
-                                 f"{limit} per client", "rate_limit_exceeded", limit=limit)
+            limit = self.policy.max_per_client
+            log.info("realtime session refused: %s", too_many_message(client, limit))
+            return refuse_per_client(client, limit, code="rate_limit_exceeded")
         if self.agent.active + self._pending >= self.agent.max_conversations:
             self.counters.refused_full += 1
             self.metrics.refused("full")

@@ -34,8 +34,8 @@ class _Item:
 
 
 class InputTranscripts:
-    """One session's user items and the words that fall in them; every method returns the
-    events to send, in order."""
+    """One session's user items and the words that fall in them; every method but `started`
+    returns the events to send, in order."""
 
     def __init__(self, delay_s: float):
         # When a word starting at the end of the span is out, at the latest (conversation time).
@@ -43,9 +43,9 @@ class InputTranscripts:
         self._items: list[_Item] = []
         self.unplaced_words = 0
 
-    def started(self, item_id: str, start: float) -> list[dict]:
+    def started(self, item_id: str, start: float) -> None:
+        """The user started speaking: a new item (its words go out from its commit)."""
         self._items.append(_Item(item_id, start))
-        return []
 
     def stopped(self, item_id: str, end: float) -> list[dict]:
         """The item was committed: its words so far go out as deltas."""
